@@ -1,0 +1,114 @@
+//! Journal tests on real redb files.
+
+
+use cryptfs_journal::{Journal, Phase, RecordBody, GENESIS};
+use cryptfs_states::ProvisioningState;
+use redb::{Database, ReadableTable, TableDefinition};
+
+fn body(step: &str, phase: Phase) -> RecordBody {
+    RecordBody {
+        seq: 0,
+        time_unix_ms: 1_700_000_000_000,
+        boot_id: "boot-a".into(),
+        stage: "all".into(),
+        step: step.into(),
+        phase,
+        state_before: Some(ProvisioningState::Unencrypted),
+        state_after: None,
+        details: Journal::details([("blob", serde_json::json!("00ff"))]),
+        prev_hash: String::new(),
+    }
+}
+
+#[test]
+fn records_chain_and_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal.redb");
+    {
+        let (mut j, rec) = Journal::open_or_recover(&path, 1).expect("create");
+        assert!(rec.is_none());
+        j.append(body("enroll-kek", Phase::Intent)).expect("append");
+        j.append(body("enroll-kek", Phase::Done)).expect("append");
+    }
+    let j = Journal::open_verified(&path).expect("reopen");
+    let r = j.records();
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].body.prev_hash, GENESIS);
+    assert_eq!(r[1].body.prev_hash, r[0].hash);
+    assert_eq!(r[1].body.phase, Phase::Done);
+    assert_eq!(j.latest_of("enroll-kek").map(|r| r.body.seq), Some(1));
+    assert_eq!(j.latest_detail("blob"), Some(&serde_json::json!("00ff")));
+}
+
+const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+
+#[test]
+fn altered_record_is_detected_and_the_file_kept_aside() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal.redb");
+    {
+        let (mut j, _) = Journal::open_or_recover(&path, 1).expect("create");
+        for step in ["a", "b", "c"] {
+            j.append(body(step, Phase::Done)).expect("append");
+        }
+    }
+    // Alter record 1 behind the journal's back: change its step, keep its stored hash.
+    {
+        let db = Database::open(&path).expect("open");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut t = txn.open_table(RECORDS).expect("table");
+            let raw = t.get(1).expect("get").expect("present").value().to_vec();
+            let text = String::from_utf8(raw).expect("utf8").replace("\"step\":\"b\"", "\"step\":\"x\"");
+            t.insert(1, text.as_bytes()).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let err = Journal::open_verified(&path).expect_err("must fail");
+    assert!(err.to_string().contains("record 1 was altered"), "{err}");
+    let (j, rec) = Journal::open_or_recover(&path, 42).expect("recover");
+    let rec = rec.expect("recovery reported");
+    assert!(rec.kept_aside.to_string_lossy().ends_with("journal.redb.damaged-42"));
+    assert!(rec.kept_aside.exists(), "damaged file is kept");
+    assert!(j.records().is_empty());
+}
+
+#[test]
+fn garbage_file_is_recovered_not_fatal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal.redb");
+    std::fs::write(&path, vec![0x5a; 8192]).expect("write");
+    let (mut j, rec) = Journal::open_or_recover(&path, 7).expect("recover");
+    assert!(rec.is_some());
+    j.append(body("a", Phase::Note)).expect("append works on the fresh journal");
+    let kept = std::fs::read(dir.path().join("journal.redb.damaged-7")).expect("kept");
+    assert_eq!(kept, vec![0x5a; 8192]);
+}
+
+#[test]
+fn removed_record_breaks_the_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal.redb");
+    {
+        let (mut j, _) = Journal::open_or_recover(&path, 1).expect("create");
+        for step in ["a", "b", "c"] {
+            j.append(body(step, Phase::Done)).expect("append");
+        }
+    }
+    {
+        let db = Database::open(&path).expect("open");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(RECORDS).expect("t").remove(2).expect("rm");
+        txn.open_table(RECORDS).expect("t").remove(1).expect("rm");
+        let first = {
+            let t = txn.open_table(RECORDS).expect("t");
+            let v = t.get(0).expect("get").expect("present").value().to_vec();
+            v
+        };
+        // Re-insert record 0 as record 1: a gap/link error must be reported.
+        txn.open_table(RECORDS).expect("t").insert(1, first.as_slice()).expect("ins");
+        txn.commit().expect("commit");
+    }
+    let err = Journal::open_verified(&path).expect_err("must fail");
+    assert!(err.to_string().contains("sequence number"), "{err}");
+}
