@@ -176,9 +176,6 @@ impl Journal {
     pub fn details<const N: usize>(
         pairs: [(&str, serde_json::Value); N],
     ) -> BTreeMap<String, serde_json::Value> {
-        pairs
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect()
+        pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
     }
 }

@@ -1,6 +1,5 @@
 //! Journal tests on real redb files.
 
-
 use cryptfs_journal::{Journal, Phase, RecordBody, GENESIS};
 use cryptfs_states::ProvisioningState;
 use redb::{Database, ReadableTable, TableDefinition};
@@ -59,7 +58,9 @@ fn altered_record_is_detected_and_the_file_kept_aside() {
         {
             let mut t = txn.open_table(RECORDS).expect("table");
             let raw = t.get(1).expect("get").expect("present").value().to_vec();
-            let text = String::from_utf8(raw).expect("utf8").replace("\"step\":\"b\"", "\"step\":\"x\"");
+            let text = String::from_utf8(raw)
+                .expect("utf8")
+                .replace("\"step\":\"b\"", "\"step\":\"x\"");
             t.insert(1, text.as_bytes()).expect("insert");
         }
         txn.commit().expect("commit");
@@ -68,7 +69,10 @@ fn altered_record_is_detected_and_the_file_kept_aside() {
     assert!(err.to_string().contains("record 1 was altered"), "{err}");
     let (j, rec) = Journal::open_or_recover(&path, 42).expect("recover");
     let rec = rec.expect("recovery reported");
-    assert!(rec.kept_aside.to_string_lossy().ends_with("journal.redb.damaged-42"));
+    assert!(rec
+        .kept_aside
+        .to_string_lossy()
+        .ends_with("journal.redb.damaged-42"));
     assert!(rec.kept_aside.exists(), "damaged file is kept");
     assert!(j.records().is_empty());
 }
@@ -80,7 +84,8 @@ fn garbage_file_is_recovered_not_fatal() {
     std::fs::write(&path, vec![0x5a; 8192]).expect("write");
     let (mut j, rec) = Journal::open_or_recover(&path, 7).expect("recover");
     assert!(rec.is_some());
-    j.append(body("a", Phase::Note)).expect("append works on the fresh journal");
+    j.append(body("a", Phase::Note))
+        .expect("append works on the fresh journal");
     let kept = std::fs::read(dir.path().join("journal.redb.damaged-7")).expect("kept");
     assert_eq!(kept, vec![0x5a; 8192]);
 }
@@ -106,7 +111,10 @@ fn removed_record_breaks_the_chain() {
             v
         };
         // Re-insert record 0 as record 1: a gap/link error must be reported.
-        txn.open_table(RECORDS).expect("t").insert(1, first.as_slice()).expect("ins");
+        txn.open_table(RECORDS)
+            .expect("t")
+            .insert(1, first.as_slice())
+            .expect("ins");
         txn.commit().expect("commit");
     }
     let err = Journal::open_verified(&path).expect_err("must fail");

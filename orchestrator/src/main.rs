@@ -1,1 +1,77 @@
-fn main() {}
+//! The `cryptfs` binary: logging, signals, and the error chain on exit.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::Parser;
+use cryptfs::cli::{Cli, Command};
+use cryptfs::config::Config;
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CRYPTFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tss_esapi=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    if std::env::var_os("CRYPTFS_CRYPTSETUP_DEBUG").is_some() {
+        libcryptsetup_rs::set_debug_level(libcryptsetup_rs::consts::vals::CryptDebugLevel::All);
+    }
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("cryptfs: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config, stage } => {
+            let config = Config::load(&config)?;
+            let stop = Arc::new(AtomicBool::new(false));
+            // SIGTERM/SIGINT end a long step between hotzones: killing it mid-hotzone would
+            // leave a suspended dm mapping that freezes the mounted root.
+            let stop_on_signal = stop.clone();
+            tokio::spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                if let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                    tracing::warn!("stop requested; finishing the current hotzone");
+                    stop_on_signal.store(true, Ordering::SeqCst);
+                }
+            });
+            let state = tokio::task::spawn_blocking(move || {
+                cryptfs::runner::run(&config, stage.into(), stop)
+            })
+            .await??;
+            println!("cryptfs: state {state}");
+            Ok(())
+        }
+        Command::Status { config, json } => {
+            let config = Config::load(&config)?;
+            let report = cryptfs::status::collect(&config)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", cryptfs::status::render(&report));
+            }
+            Ok(())
+        }
+    }
+}

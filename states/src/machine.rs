@@ -137,25 +137,25 @@ mod model {
     }
 
     fn step(report: &mut Report, from: ProvisioningState, event: &Event) -> Outcome<State> {
-            match *event {
-                Event::Completed { step, observed } => {
-                    if allowed(from, step).contains(&observed) {
-                        if observed == from {
-                            Handled
-                        } else {
-                            Transition(to_statig(observed))
-                        }
-                    } else {
-                        report.rejected = Some(TransitionError {
-                            step,
-                            from,
-                            to: observed,
-                        });
+        match *event {
+            Event::Completed { step, observed } => {
+                if allowed(from, step).contains(&observed) {
+                    if observed == from {
                         Handled
+                    } else {
+                        Transition(to_statig(observed))
                     }
+                } else {
+                    report.rejected = Some(TransitionError {
+                        step,
+                        from,
+                        to: observed,
+                    });
+                    Handled
                 }
-                Event::Resume(_) => Super,
             }
+            Event::Resume(_) => Super,
+        }
     }
 
     impl Model {
@@ -178,7 +178,9 @@ pub struct ProvisioningMachine {
 impl ProvisioningMachine {
     /// A machine positioned at `state`, the state derived from the device at start-up.
     pub fn resume(state: ProvisioningState) -> Self {
-        let mut inner = Model.uninitialized_state_machine().init_with_context(&mut Report::default());
+        let mut inner = Model
+            .uninitialized_state_machine()
+            .init_with_context(&mut Report::default());
         inner.handle_with_context(&Event::Resume(state), &mut Report::default());
         ProvisioningMachine { inner }
     }

@@ -28,9 +28,21 @@ fn ci_image_path_walks_every_state_in_order() {
     use ProvisioningState as S;
     let image = Some(VolumeKeyOrigin::Image);
     let steps = [
-        (facts(luks(false, &[31], None), image), S::EncryptedWithPassphrase, Step::EnrollKek),
-        (facts(luks(true, &[31], None), image), S::KekEnrolled, Step::WipePassphrase),
-        (facts(luks(true, &[], None), image), S::KekEnrolled, Step::InitReencrypt),
+        (
+            facts(luks(false, &[31], None), image),
+            S::EncryptedWithPassphrase,
+            Step::EnrollKek,
+        ),
+        (
+            facts(luks(true, &[31], None), image),
+            S::KekEnrolled,
+            Step::WipePassphrase,
+        ),
+        (
+            facts(luks(true, &[], None), image),
+            S::KekEnrolled,
+            Step::InitReencrypt,
+        ),
         (
             facts(luks(true, &[], Some(ReencryptMode::Reencrypt)), image),
             S::Reencrypting,
@@ -51,7 +63,10 @@ fn ci_image_path_walks_every_state_in_order() {
     assert_eq!(derive_state(&done), S::HeaderBackedUp);
     assert_eq!(plan(&done, Stage::All), Action::Done);
     done.mapping_active = true;
-    assert_eq!(plan(&done, Stage::Userspace), Action::Run(Step::GrowFilesystem));
+    assert_eq!(
+        plan(&done, Stage::Userspace),
+        Action::Run(Step::GrowFilesystem)
+    );
     done.journal.filesystem_grown = true;
     assert_eq!(plan(&done, Stage::Userspace), Action::Done);
 }
@@ -59,10 +74,16 @@ fn ci_image_path_walks_every_state_in_order() {
 #[test]
 fn in_place_path_skips_reencryption_by_default_and_not_when_forced() {
     let mut f = facts(DeviceFacts::PlainExt4, None);
-    assert_eq!(plan(&f, Stage::Initramfs), Action::Run(Step::EncryptInPlace));
+    assert_eq!(
+        plan(&f, Stage::Initramfs),
+        Action::Run(Step::EncryptInPlace)
+    );
     f.device = luks(false, &[], Some(ReencryptMode::Encrypt));
     assert_eq!(derive_state(&f), ProvisioningState::Unencrypted);
-    assert_eq!(plan(&f, Stage::Initramfs), Action::Run(Step::EncryptInPlace));
+    assert_eq!(
+        plan(&f, Stage::Initramfs),
+        Action::Run(Step::EncryptInPlace)
+    );
     f.device = luks(true, &[], None);
     f.journal.volume_key_origin = Some(VolumeKeyOrigin::InPlace);
     assert_eq!(derive_state(&f), ProvisioningState::Complete);
@@ -120,10 +141,15 @@ fn machine_accepts_the_legal_path_and_records_transitions() {
     assert_eq!(m.state(), S::EncryptedWithPassphrase);
     let t = m.completed(Step::EnrollKek, S::KekEnrolled).expect("legal");
     assert_eq!(t, vec![(S::EncryptedWithPassphrase, S::KekEnrolled)]);
-    assert!(m.completed(Step::WipePassphrase, S::KekEnrolled).expect("legal").is_empty());
-    m.completed(Step::InitReencrypt, S::Reencrypting).expect("legal");
+    assert!(m
+        .completed(Step::WipePassphrase, S::KekEnrolled)
+        .expect("legal")
+        .is_empty());
+    m.completed(Step::InitReencrypt, S::Reencrypting)
+        .expect("legal");
     m.completed(Step::Reencrypt, S::Complete).expect("legal");
-    m.completed(Step::BackupHeader, S::HeaderBackedUp).expect("legal");
+    m.completed(Step::BackupHeader, S::HeaderBackedUp)
+        .expect("legal");
     assert_eq!(m.state(), S::HeaderBackedUp);
 }
 
@@ -131,12 +157,22 @@ fn machine_accepts_the_legal_path_and_records_transitions() {
 fn machine_rejects_effects_that_do_not_match_the_model() {
     use ProvisioningState as S;
     let mut m = ProvisioningMachine::resume(S::KekEnrolled);
-    let err = m.completed(Step::InitReencrypt, S::Complete).expect_err("illegal");
+    let err = m
+        .completed(Step::InitReencrypt, S::Complete)
+        .expect_err("illegal");
     assert_eq!(
         err,
-        TransitionError { step: Step::InitReencrypt, from: S::KekEnrolled, to: S::Complete }
+        TransitionError {
+            step: Step::InitReencrypt,
+            from: S::KekEnrolled,
+            to: S::Complete
+        }
     );
-    assert_eq!(m.state(), S::KekEnrolled, "a rejected report changes nothing");
+    assert_eq!(
+        m.state(),
+        S::KekEnrolled,
+        "a rejected report changes nothing"
+    );
     assert!(m.completed(Step::BackupHeader, S::HeaderBackedUp).is_err());
     let mut fresh = ProvisioningMachine::resume(S::Unencrypted);
     assert!(fresh.completed(Step::EncryptInPlace, S::Complete).is_ok());
@@ -171,7 +207,9 @@ fn every_state_has_a_plan_for_every_stage() {
                         let m = ProvisioningMachine::resume(state);
                         assert_eq!(m.state(), state);
                         let legal = ProvisioningState::ALL.iter().any(|to| {
-                            ProvisioningMachine::resume(state).completed(step, *to).is_ok()
+                            ProvisioningMachine::resume(state)
+                                .completed(step, *to)
+                                .is_ok()
                         });
                         assert!(legal, "{step} planned from {state} has no legal target");
                     }

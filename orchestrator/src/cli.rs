@@ -1,0 +1,59 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// cryptfs: encrypt the root filesystem with a per-device, TPM-protected key, unattended and
+/// power-cut safe.
+#[derive(Debug, Parser)]
+#[command(name = "cryptfs", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a provisioning stage until it has nothing left to do.
+    Run {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Which stage.
+        #[arg(long, value_enum, default_value_t = StageArg::All)]
+        stage: StageArg,
+    },
+    /// Show state, journal, device facts and progress.
+    Status {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `--stage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StageArg {
+    /// Early boot.
+    Initramfs,
+    /// The running system.
+    Userspace,
+    /// Everything, offline.
+    All,
+}
+
+impl From<StageArg> for cryptfs_states::Stage {
+    fn from(s: StageArg) -> Self {
+        match s {
+            StageArg::Initramfs => cryptfs_states::Stage::Initramfs,
+            StageArg::Userspace => cryptfs_states::Stage::Userspace,
+            StageArg::All => cryptfs_states::Stage::All,
+        }
+    }
+}

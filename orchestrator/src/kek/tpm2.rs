@@ -1,0 +1,335 @@
+//! The `systemd-tpm2` protector (systemd 252 format): 32 random bytes sealed to a PCR policy
+//! under a transient ECC P-256 primary key of the owner hierarchy.
+//!
+//! swtpm has no resource manager, and neither has a TPM reached through `/dev/tpm0`: every
+//! transient object and session made here is flushed, on success and on error alike.
+
+use std::str::FromStr;
+
+use anyhow::{anyhow, bail, Context as _};
+use base64::Engine;
+use rand::RngCore;
+use serde_json::{Map, Value};
+use tss_esapi::attributes::ObjectAttributesBuilder;
+use tss_esapi::constants::SessionType;
+use tss_esapi::handles::{KeyHandle, ObjectHandle, SessionHandle};
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
+use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::resource_handles::Hierarchy;
+use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
+use tss_esapi::structures::{
+    Digest, EccPoint, KeyedHashScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Private,
+    Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData,
+    SymmetricDefinition, SymmetricDefinitionObject,
+};
+use tss_esapi::tcti_ldr::TctiNameConf;
+use tss_esapi::traits::{Marshall, UnMarshall};
+use tss_esapi::Context;
+
+use super::{KekProtector, SealedKek};
+use crate::config::Tpm2Config;
+use crate::secret::Secret;
+
+/// Token type written and read.
+pub const TOKEN_TYPE: &str = "systemd-tpm2";
+/// Bytes of secret sealed (systemd's choice).
+const SECRET_BYTES: usize = 32;
+
+/// TPM 2.0 protector configured with a TCTI and a PCR policy.
+pub struct Tpm2Protector {
+    tcti: String,
+    pcrs: Vec<u8>,
+    bank: HashingAlgorithm,
+    bank_name: String,
+}
+
+impl Tpm2Protector {
+    /// A protector for `config` (no TPM access yet).
+    pub fn new(config: &Tpm2Config) -> crate::Result<Self> {
+        let bank = match config.pcr_bank.as_str() {
+            "sha256" => HashingAlgorithm::Sha256,
+            "sha1" => HashingAlgorithm::Sha1,
+            other => bail!("unsupported PCR bank {other:?} (use \"sha256\" or \"sha1\")"),
+        };
+        if let Some(bad) = config.pcrs.iter().find(|p| **p > 23) {
+            bail!("PCR {bad} does not exist (PCRs are 0-23)");
+        }
+        Ok(Tpm2Protector {
+            tcti: config.tcti.clone(),
+            pcrs: config.pcrs.clone(),
+            bank,
+            bank_name: config.pcr_bank.clone(),
+        })
+    }
+
+    fn context(&self) -> crate::Result<Context> {
+        let conf = TctiNameConf::from_str(&self.tcti)
+            .map_err(|e| anyhow!("invalid TPM TCTI {:?}: {e}", self.tcti))?;
+        Context::new(conf).map_err(|e| {
+            anyhow!(
+                "TPM 2.0 unreachable through {:?}: {e} (is the TPM device present and the \
+                 TCTI right?)",
+                self.tcti
+            )
+        })
+    }
+
+    fn pcr_names(&self) -> String {
+        self.pcrs
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("+")
+    }
+
+    fn selection(&self, pcrs: &[u8]) -> crate::Result<PcrSelectionList> {
+        let slots = pcrs
+            .iter()
+            .map(|p| PcrSlot::try_from(1u32 << p).map_err(|e| anyhow!("PCR {p}: {e}")))
+            .collect::<crate::Result<Vec<_>>>()?;
+        Ok(PcrSelectionListBuilder::new()
+            .with_selection(self.bank, &slots)
+            .build()?)
+    }
+}
+
+/// The storage primary key template of systemd 252: ECC NIST P-256, AES-128-CFB, NULL scheme
+/// and KDF, empty unique. Deterministic for a given owner seed, so it is re-created on demand.
+fn primary_template() -> crate::Result<Public> {
+    let attributes = ObjectAttributesBuilder::new()
+        .with_restricted(true)
+        .with_decrypt(true)
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .build()?;
+    Ok(PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_restricted_decryption_key(
+                SymmetricDefinitionObject::AES_128_CFB,
+                EccCurve::NistP256,
+            )
+            .build()?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()?)
+}
+
+/// Transient handles to flush whatever happens.
+#[derive(Default)]
+struct Flush(Vec<ObjectHandle>);
+
+impl Flush {
+    fn all(self, ctx: &mut Context) {
+        for handle in self.0 {
+            if let Err(e) = ctx.flush_context(handle) {
+                tracing::warn!("could not flush a TPM handle: {e}");
+            }
+        }
+    }
+}
+
+fn create_primary(ctx: &mut Context, flush: &mut Flush) -> crate::Result<KeyHandle> {
+    let template = primary_template()?;
+    let primary = ctx
+        .execute_with_nullauth_session(|ctx| {
+            ctx.create_primary(Hierarchy::Owner, template, None, None, None, None)
+        })
+        .context("TPM could not create the storage primary key")?;
+    flush.0.push(primary.key_handle.into());
+    Ok(primary.key_handle)
+}
+
+fn start_session(
+    ctx: &mut Context,
+    kind: SessionType,
+    flush: &mut Flush,
+) -> crate::Result<(AuthSession, PolicySession)> {
+    let session = ctx
+        .start_auth_session(
+            None,
+            None,
+            None,
+            kind,
+            SymmetricDefinition::AES_128_CFB,
+            HashingAlgorithm::Sha256,
+        )?
+        .ok_or_else(|| anyhow!("TPM returned no session handle"))?;
+    flush.0.push(SessionHandle::from(session).into());
+    let policy = PolicySession::try_from(session)?;
+    Ok((session, policy))
+}
+
+/// TPM2B framing: a big-endian u16 size, then the bytes.
+fn tpm2b(bytes: &[u8]) -> crate::Result<Vec<u8>> {
+    let len = u16::try_from(bytes.len()).context("TPM2B too large")?;
+    let mut out = len.to_be_bytes().to_vec();
+    out.extend_from_slice(bytes);
+    Ok(out)
+}
+
+fn split_tpm2b(bytes: &[u8]) -> crate::Result<(&[u8], &[u8])> {
+    if bytes.len() < 2 {
+        bail!("truncated tpm2-blob");
+    }
+    let len = usize::from(u16::from_be_bytes([bytes[0], bytes[1]]));
+    if bytes.len() < 2 + len {
+        bail!("truncated tpm2-blob");
+    }
+    Ok((&bytes[2..2 + len], &bytes[2 + len..]))
+}
+
+impl Tpm2Protector {
+    fn seal_inner(
+        &self,
+        ctx: &mut Context,
+        flush: &mut Flush,
+        secret: &[u8],
+    ) -> crate::Result<(Vec<u8>, Digest)> {
+        let primary = create_primary(ctx, flush)?;
+        let selection = self.selection(&self.pcrs)?;
+        let (_, trial) = start_session(ctx, SessionType::Trial, flush)?;
+        ctx.policy_pcr(trial, Digest::default(), selection)?;
+        let policy = ctx.policy_get_digest(trial)?;
+        let attributes = ObjectAttributesBuilder::new()
+            .with_fixed_tpm(true)
+            .with_fixed_parent(true)
+            .build()?;
+        let template = PublicBuilder::new()
+            .with_public_algorithm(PublicAlgorithm::KeyedHash)
+            .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+            .with_object_attributes(attributes)
+            .with_auth_policy(policy.clone())
+            .with_keyed_hash_parameters(PublicKeyedHashParameters::new(KeyedHashScheme::Null))
+            .with_keyed_hash_unique_identifier(Digest::default())
+            .build()?;
+        let sensitive = SensitiveData::try_from(secret.to_vec())?;
+        let created = ctx
+            .execute_with_nullauth_session(|ctx| {
+                ctx.create(primary, template, None, Some(sensitive), None, None)
+            })
+            .context("TPM could not seal the KEK secret")?;
+        let mut blob = tpm2b(created.out_private.value())?;
+        blob.extend(tpm2b(&created.out_public.marshall()?)?);
+        Ok((blob, policy))
+    }
+
+    fn unseal_inner(
+        &self,
+        ctx: &mut Context,
+        flush: &mut Flush,
+        blob: &[u8],
+        pcrs: &[u8],
+    ) -> crate::Result<Vec<u8>> {
+        let (private, rest) = split_tpm2b(blob)?;
+        let (public, _) = split_tpm2b(rest)?;
+        let private = Private::try_from(private.to_vec())?;
+        let public = Public::unmarshall(public)?;
+        let primary = create_primary(ctx, flush)?;
+        let object = ctx
+            .execute_with_nullauth_session(|ctx| ctx.load(primary, private, public))
+            .context("TPM refused to load the sealed KEK (made by another TPM?)")?;
+        flush.0.push(object.into());
+        let selection = self.selection(pcrs)?;
+        let (session, policy) = start_session(ctx, SessionType::Policy, flush)?;
+        ctx.policy_pcr(policy, Digest::default(), selection)?;
+        let data = ctx
+            .execute_with_session(Some(session), |ctx| ctx.unseal(object.into()))
+            .map_err(|e| {
+                anyhow!(
+                    "TPM refused to unseal the KEK: PCR {} (bank {}) differs from enrollment \
+                     ({e})",
+                    pcrs.iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join("+"),
+                    self.bank_name
+                )
+            })?;
+        Ok(data.value().to_vec())
+    }
+}
+
+impl KekProtector for Tpm2Protector {
+    fn token_type(&self) -> &'static str {
+        TOKEN_TYPE
+    }
+
+    fn preflight(&mut self) -> crate::Result<()> {
+        let mut ctx = self.context()?;
+        let mut flush = Flush::default();
+        let result = create_primary(&mut ctx, &mut flush)
+            .and_then(|_| self.selection(&self.pcrs).map(|_| ()));
+        flush.all(&mut ctx);
+        result.with_context(|| format!("TPM 2.0 at {:?} is not usable", self.tcti))
+    }
+
+    fn seal(&mut self) -> crate::Result<(Secret, SealedKek)> {
+        let mut bytes = zeroize::Zeroizing::new(vec![0u8; SECRET_BYTES]);
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        let secret = Secret::new(bytes.to_vec());
+        let mut ctx = self.context()?;
+        let mut flush = Flush::default();
+        let sealed = self.seal_inner(&mut ctx, &mut flush, secret.expose());
+        flush.all(&mut ctx);
+        let (blob, policy) = sealed?;
+        let mut fields = Map::new();
+        fields.insert(
+            "tpm2-blob".into(),
+            Value::from(base64::engine::general_purpose::STANDARD.encode(blob)),
+        );
+        fields.insert(
+            "tpm2-pcrs".into(),
+            Value::from(self.pcrs.iter().map(|p| u32::from(*p)).collect::<Vec<_>>()),
+        );
+        fields.insert("tpm2-pcr-bank".into(), Value::from(self.bank_name.clone()));
+        fields.insert("tpm2-primary-alg".into(), Value::from("ecc"));
+        fields.insert(
+            "tpm2-policy-hash".into(),
+            Value::from(hex::encode(policy.value())),
+        );
+        fields.insert("tpm2-pin".into(), Value::from(false));
+        tracing::info!(pcrs = %self.pcr_names(), "KEK secret sealed by the TPM");
+        Ok((secret, SealedKek { fields }))
+    }
+
+    fn unseal(&mut self, sealed: &SealedKek) -> crate::Result<Secret> {
+        let blob = sealed
+            .fields
+            .get("tpm2-blob")
+            .and_then(Value::as_str)
+            .ok_or_else(|| anyhow!("systemd-tpm2 token has no tpm2-blob"))?;
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(blob)
+            .context("tpm2-blob is not base64")?;
+        let pcrs: Vec<u8> = sealed
+            .fields
+            .get("tpm2-pcrs")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64().and_then(|n| u8::try_from(n).ok()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut ctx = self.context()?;
+        let mut flush = Flush::default();
+        let data = self.unseal_inner(&mut ctx, &mut flush, &blob, &pcrs);
+        flush.all(&mut ctx);
+        Ok(Secret::new(data?))
+    }
+
+    fn can_use(&self, token: &Value) -> bool {
+        token.get("type").and_then(Value::as_str) == Some(TOKEN_TYPE)
+            && token.get("tpm2-pin").and_then(Value::as_bool) != Some(true)
+            && token.get("tpm2_srk").is_none()
+            && token
+                .get("tpm2-primary-alg")
+                .and_then(Value::as_str)
+                .is_none_or(|a| a == "ecc")
+    }
+}

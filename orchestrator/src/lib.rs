@@ -1,0 +1,22 @@
+//! cryptfs: takes a device's root filesystem from "shipped" to "encrypted with a per-device key
+//! that only this device's TPM 2.0 can release", unattended, surviving a power cut anywhere.
+//!
+//! Decisions live in `cryptfs-states` (pure); this crate carries them out: probing the device,
+//! LUKS2 through libcryptsetup, the KEK protector, the journal, and the CLI.
+
+pub mod cli;
+pub mod cmd;
+pub mod config;
+pub mod ext4;
+pub mod failpoint;
+pub mod kek;
+pub mod luks;
+pub mod probe;
+pub mod record;
+pub mod runner;
+pub mod secret;
+pub mod status;
+pub mod steps;
+
+/// Everything that can stop cryptfs, with the context a user needs to act on it.
+pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;

@@ -1,0 +1,128 @@
+//! LUKS2 changes through libcryptsetup. A fresh crypt context is opened for each operation
+//! (the stratisd way), so that no stale in-memory header is ever written back.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context};
+use libcryptsetup_rs::consts::flags::{CryptActivate, CryptPbkdf, CryptVolumeKey};
+use libcryptsetup_rs::consts::vals::{CryptKdf, EncryptionFormat};
+use libcryptsetup_rs::{CryptDevice, CryptInit, CryptPbkdfType, TokenInput};
+use zeroize::Zeroizing;
+
+use crate::secret::Passphrase;
+
+/// The KDF systemd uses for token keyslots: the secret is already 256 bits of entropy, so a
+/// slow KDF buys nothing and costs boot time.
+pub fn token_pbkdf() -> CryptPbkdfType {
+    CryptPbkdfType {
+        type_: CryptKdf::Pbkdf2,
+        hash: Some("sha512".to_string()),
+        time_ms: 0,
+        iterations: 1000,
+        max_memory_kb: 0,
+        parallel_threads: 0,
+        flags: CryptPbkdf::NO_BENCHMARK,
+    }
+}
+
+/// Opens a crypt context on `device` and loads its LUKS2 header.
+pub fn open(device: &Path) -> crate::Result<CryptDevice> {
+    let mut cd = CryptInit::init(device)
+        .with_context(|| format!("libcryptsetup cannot open {}", device.display()))?;
+    cd.context_handle()
+        .load::<()>(Some(EncryptionFormat::Luks2), None)
+        .with_context(|| format!("cannot load the LUKS2 header of {}", device.display()))?;
+    Ok(cd)
+}
+
+/// Checks `passphrase` without activating anything; returns the keyslot it opens.
+pub fn test_passphrase(
+    device: &Path,
+    keyslot: Option<u32>,
+    passphrase: &Passphrase,
+) -> crate::Result<u32> {
+    let mut cd = open(device)?;
+    cd.activate_handle()
+        .activate_by_passphrase(None, keyslot, passphrase.expose(), CryptActivate::empty())
+        .map_err(|e| anyhow!("no keyslot of {} opens with it ({e})", device.display()))
+}
+
+/// Adds a keyslot for `new` (PBKDF2/sha512/1000), unlocking the volume key with `existing`.
+///
+/// Not idempotent by itself: callers first look for a keyslot `new` already opens.
+pub fn add_keyslot(device: &Path, existing: &Passphrase, new: &Passphrase) -> crate::Result<u32> {
+    let mut cd = open(device)?;
+    cd.settings_handle()
+        .set_pbkdf_type(&token_pbkdf())
+        .context("cannot select PBKDF2 for the new keyslot")?;
+    cd.keyslot_handle()
+        .add_by_passphrase(None, existing.expose(), new.expose())
+        .with_context(|| format!("cannot add a keyslot to {}", device.display()))
+}
+
+/// Writes `token` as a new token; returns its id.
+pub fn add_token(device: &Path, token: &serde_json::Value) -> crate::Result<u32> {
+    let mut cd = open(device)?;
+    cd.token_handle()
+        .json_set(TokenInput::AddToken(token))
+        .with_context(|| format!("cannot write a LUKS2 token to {}", device.display()))
+}
+
+/// Replaces token `id` by `token`.
+pub fn replace_token(device: &Path, id: u32, token: &serde_json::Value) -> crate::Result<()> {
+    let mut cd = open(device)?;
+    cd.token_handle()
+        .json_set(TokenInput::ReplaceToken(id, token))
+        .with_context(|| format!("cannot rewrite LUKS2 token {id} of {}", device.display()))?;
+    Ok(())
+}
+
+/// Destroys keyslot `slot` (its key material is wiped). Point of no return for that keyslot.
+pub fn destroy_keyslot(device: &Path, slot: u32) -> crate::Result<()> {
+    let mut cd = open(device)?;
+    cd.keyslot_handle()
+        .destroy(slot)
+        .with_context(|| format!("cannot destroy keyslot {slot} of {}", device.display()))
+}
+
+/// The volume key, unlocked by `passphrase` (tests and verification only; zeroized on drop).
+pub fn volume_key(
+    device: &Path,
+    keyslot: Option<u32>,
+    passphrase: &Passphrase,
+) -> crate::Result<Zeroizing<Vec<u8>>> {
+    let mut cd = open(device)?;
+    let mut key = Zeroizing::new(vec![0u8; 512]);
+    let (_, len) = cd
+        .volume_key_handle()
+        .get(keyslot, &mut key, Some(passphrase.expose()))
+        .map_err(|e| anyhow!("cannot unlock the volume key of {} ({e})", device.display()))?;
+    key.truncate(len);
+    Ok(key)
+}
+
+/// Writes the binary LUKS2 header backup of `device` to `path` (which must not exist).
+pub fn header_backup(device: &Path, path: &Path) -> crate::Result<()> {
+    let mut cd = open(device)?;
+    cd.backup_handle()
+        .header_backup(Some(EncryptionFormat::Luks2), path)
+        .with_context(|| format!("cannot back up the header of {}", device.display()))
+}
+
+/// Restores the LUKS2 header in `backup` onto `device`.
+pub fn header_restore(device: &Path, backup: &Path) -> crate::Result<()> {
+    let mut cd = CryptInit::init(device)
+        .with_context(|| format!("libcryptsetup cannot open {}", device.display()))?;
+    cd.backup_handle()
+        .header_restore(Some(EncryptionFormat::Luks2), backup)
+        .with_context(|| {
+            format!(
+                "cannot restore the header {} onto {}",
+                backup.display(),
+                device.display()
+            )
+        })
+}
+
+/// Keyslot flags re-exported for the in-place encryption step.
+pub const NO_VOLUME_KEY_FLAGS: CryptVolumeKey = CryptVolumeKey::empty();

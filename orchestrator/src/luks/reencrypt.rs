@@ -1,0 +1,266 @@
+//! In-place encryption and volume-key replacement through the libcryptsetup re-encryption API,
+//! driven as separate calls so that cryptfs can journal and flush between them.
+
+use std::os::raw::c_void;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use libcryptsetup_rs::consts::flags::{CryptReencrypt, CryptVolumeKey};
+use libcryptsetup_rs::consts::vals::{
+    CryptReencryptDirectionInfo, CryptReencryptInfo, CryptReencryptModeInfo, EncryptionFormat,
+};
+use libcryptsetup_rs::{CryptInit, CryptParamsLuks2, CryptParamsLuks2Ref, CryptParamsReencrypt};
+
+use super::device::{open, token_pbkdf, NO_VOLUME_KEY_FLAGS};
+use super::{CIPHER, DATA_OFFSET_BYTES, SECTOR_SIZE, VOLUME_KEY_BYTES};
+use crate::secret::Passphrase;
+
+/// Which re-encryption an operation is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// In-place encryption of plaintext with a data shift.
+    Encrypt,
+    /// Replacement of the volume key.
+    Reencrypt,
+}
+
+fn luks2_params(label: Option<&str>) -> CryptParamsLuks2 {
+    CryptParamsLuks2 {
+        pbkdf: None,
+        integrity: None,
+        integrity_params: None,
+        data_alignment: 0,
+        data_device: None,
+        sector_size: SECTOR_SIZE,
+        label: label.map(String::from),
+        subsystem: None,
+    }
+}
+
+fn params(kind: Kind, flags: CryptReencrypt, hotzone_bytes: u64) -> CryptParamsReencrypt {
+    let (mode, direction, resilience, data_shift) = match kind {
+        Kind::Encrypt => (
+            CryptReencryptModeInfo::Encrypt,
+            CryptReencryptDirectionInfo::Backward,
+            "datashift",
+            DATA_OFFSET_BYTES / 512,
+        ),
+        Kind::Reencrypt => (
+            CryptReencryptModeInfo::Reencrypt,
+            CryptReencryptDirectionInfo::Forward,
+            "checksum",
+            0,
+        ),
+    };
+    CryptParamsReencrypt {
+        mode,
+        direction,
+        resilience: resilience.to_string(),
+        hash: "sha256".to_string(),
+        data_shift,
+        max_hotzone_size: hotzone_bytes / 512,
+        device_size: 0,
+        luks2: Some(luks2_params(None)),
+        flags,
+    }
+}
+
+/// Formats a detached LUKS2 header in `temp_header` for in-place encryption of `device` and
+/// initialises the encryption there (this moves the first 16 MiB of data to the free tail).
+///
+/// Precondition: the filesystem on `device` ends at least 32 MiB before the device's end.
+/// Writes to `device` only in its last 32 MiB (the space the shrink freed). Safe to repeat from
+/// scratch as long as the header has not been placed on the device. `token` receives the new
+/// keyslot number and returns the KEK token to store in the same header, so that the volume is
+/// token-enrolled from its first byte on disk.
+pub fn prepare_in_place(
+    device: &Path,
+    temp_header: &Path,
+    uuid: uuid::Uuid,
+    label: &str,
+    passphrase: &Passphrase,
+    hotzone_bytes: u64,
+    token: impl FnOnce(u32) -> serde_json::Value,
+) -> crate::Result<u32> {
+    let file = std::fs::File::create(temp_header)
+        .with_context(|| format!("cannot create {}", temp_header.display()))?;
+    file.set_len(4096)?;
+    drop(file);
+    let mut cd =
+        CryptInit::init_with_data_device(libcryptsetup_rs::Either::Right((temp_header, device)))
+            .context("libcryptsetup cannot open the temporary header")?;
+    cd.settings_handle().set_pbkdf_type(&token_pbkdf())?;
+    cd.set_data_offset(DATA_OFFSET_BYTES / 512)?;
+    let luks2 = luks2_params(Some(label));
+    let mut luks2_ref: CryptParamsLuks2Ref<'_> = (&luks2).try_into()?;
+    cd.context_handle()
+        .format(
+            EncryptionFormat::Luks2,
+            CIPHER,
+            Some(uuid),
+            libcryptsetup_rs::Either::Right(VOLUME_KEY_BYTES),
+            Some(&mut luks2_ref),
+        )
+        .context("cannot format the temporary LUKS2 header")?;
+    let keyslot = cd
+        .keyslot_handle()
+        .add_by_key(None, None, passphrase.expose(), NO_VOLUME_KEY_FLAGS)
+        .context("cannot add the KEK keyslot to the temporary header")?;
+    cd.token_handle()
+        .json_set(libcryptsetup_rs::TokenInput::AddToken(&token(keyslot)))
+        .context("cannot add the KEK token to the temporary header")?;
+    cd.reencrypt_handle()
+        .reencrypt_init_by_passphrase(
+            None,
+            passphrase.expose(),
+            None,
+            Some(keyslot),
+            Some(CIPHER),
+            params(
+                Kind::Encrypt,
+                CryptReencrypt::INITIALIZE_ONLY | CryptReencrypt::MOVE_FIRST_SEGMENT,
+                hotzone_bytes,
+            ),
+        )
+        .context("cannot initialise in-place encryption")?;
+    Ok(keyslot)
+}
+
+/// Marks the header of `device` for volume-key replacement (the reference's `--init-only`).
+///
+/// As the cryptsetup CLI does: a keyslot with a fresh, unbound volume key is added for the same
+/// passphrase (PBKDF2 like the token's), every token of the old keyslot is assigned to it too,
+/// then the header is marked. A crash before the mark leaves an extra keyslot that the token
+/// also names; repeating this call adds another one, and the re-encryption's completion drops
+/// every keyslot of the old key. The mark is done without the mapping name, as `--init-only`
+/// does: the run that follows decides online or offline.
+pub fn init_volume_key_change(
+    device: &Path,
+    passphrase: &Passphrase,
+    keyslot: u32,
+    hotzone_bytes: u64,
+) -> crate::Result<u32> {
+    let mut cd = open(device)?;
+    cd.settings_handle().set_pbkdf_type(&token_pbkdf())?;
+    let new_keyslot = cd
+        .keyslot_handle()
+        .add_by_key(
+            None,
+            Some(libcryptsetup_rs::Either::Right(VOLUME_KEY_BYTES)),
+            passphrase.expose(),
+            CryptVolumeKey::NO_SEGMENT,
+        )
+        .context("cannot add a keyslot for the new volume key")?;
+    for token in 0..32u32 {
+        if cd
+            .token_handle()
+            .is_assigned(token, keyslot)
+            .unwrap_or(false)
+        {
+            cd.token_handle()
+                .assign_keyslot(token, Some(new_keyslot))
+                .with_context(|| format!("cannot assign token {token} to keyslot {new_keyslot}"))?;
+        }
+    }
+    cd.reencrypt_handle()
+        .reencrypt_init_by_passphrase(
+            None,
+            passphrase.expose(),
+            Some(keyslot),
+            Some(new_keyslot),
+            Some(CIPHER),
+            params(
+                Kind::Reencrypt,
+                CryptReencrypt::INITIALIZE_ONLY,
+                hotzone_bytes,
+            ),
+        )
+        .context("cannot initialise re-encryption with a new volume key")?;
+    Ok(new_keyslot)
+}
+
+/// The re-encryption status libcryptsetup reports for `device`.
+pub fn status(device: &Path) -> crate::Result<CryptReencryptInfo> {
+    let mut cd = open(device)?;
+    Ok(cd
+        .reencrypt_handle()
+        .status(params(Kind::Reencrypt, CryptReencrypt::empty(), 0))?)
+}
+
+/// Receives progress: `(bytes done, bytes total)`; returning `false` stops the run cleanly
+/// between hotzones (it stays resumable).
+pub type ProgressFn<'a> = dyn FnMut(u64, u64) -> bool + 'a;
+
+struct Sink<'a, 'b> {
+    callback: &'a mut ProgressFn<'b>,
+}
+
+extern "C" fn progress_trampoline(size: u64, offset: u64, usrptr: *mut c_void) -> i32 {
+    // SAFETY: usrptr is the `Sink` passed to `reencrypt2` below, alive for the whole run.
+    let sink = unsafe { usrptr.cast::<Sink<'_, '_>>().as_mut() };
+    match sink {
+        Some(sink) => {
+            let keep_going = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                (sink.callback)(offset, size)
+            }))
+            .unwrap_or(false);
+            i32::from(!keep_going)
+        }
+        None => 0,
+    }
+}
+
+/// Runs an initialised or interrupted re-encryption of `device` to its end (or until
+/// `progress` says stop). Performs crash recovery of the hotzone first when the header says
+/// the last run was interrupted.
+pub fn run(
+    device: &Path,
+    kind: Kind,
+    active_name: Option<&str>,
+    passphrase: &Passphrase,
+    hotzone_bytes: u64,
+    progress: &mut ProgressFn<'_>,
+) -> crate::Result<()> {
+    let mut cd = open(device)?;
+    let info = cd
+        .reencrypt_handle()
+        .status(params(kind, CryptReencrypt::empty(), 0))?;
+    match info {
+        CryptReencryptInfo::None => bail!("{} has no re-encryption to run", device.display()),
+        CryptReencryptInfo::Invalid => bail!(
+            "the re-encryption metadata of {} is invalid",
+            device.display()
+        ),
+        CryptReencryptInfo::Crash => {
+            tracing::info!("re-encryption was interrupted; recovering the hotzone first");
+            cd.reencrypt_handle()
+                .reencrypt_init_by_passphrase(
+                    active_name,
+                    passphrase.expose(),
+                    None,
+                    None,
+                    None,
+                    params(kind, CryptReencrypt::RECOVERY, hotzone_bytes),
+                )
+                .context("re-encryption crash recovery failed")?;
+            cd = open(device)?;
+        }
+        CryptReencryptInfo::Clean => {}
+    }
+    cd.reencrypt_handle()
+        .reencrypt_init_by_passphrase(
+            active_name,
+            passphrase.expose(),
+            None,
+            None,
+            None,
+            params(kind, CryptReencrypt::RESUME_ONLY, hotzone_bytes),
+        )
+        .context("cannot load the re-encryption context")?;
+    // The trampoline only sees a thin pointer, so the (fat) callback travels inside a Sink.
+    let mut sink = Sink { callback: progress };
+    cd.reencrypt_handle()
+        .reencrypt2(Some(progress_trampoline), Some(&mut sink))
+        .context("re-encryption failed")?;
+    Ok(())
+}

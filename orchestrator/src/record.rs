@@ -1,0 +1,281 @@
+//! The orchestrator's side of the journal: who writes (boot id, stage), and the facts read back.
+
+use std::path::Path;
+
+use anyhow::Context;
+use cryptfs_journal::{Journal, Phase, Record, RecordBody, Recovery};
+use cryptfs_states::{JournalFacts, ProvisioningState, Step, VolumeKeyOrigin};
+use serde_json::Value;
+
+use crate::kek::SealedKek;
+
+/// Detail keys used in records.
+pub mod keys {
+    /// Where the volume key came from.
+    pub const VOLUME_KEY_ORIGIN: &str = "volume_key_origin";
+    /// The public sealed form of a KEK secret.
+    pub const SEALED_KEK: &str = "sealed_kek";
+    /// A keyslot number.
+    pub const KEYSLOT: &str = "keyslot";
+    /// The header backup's blake3.
+    pub const BACKUP_BLAKE3: &str = "backup_blake3";
+    /// The header backup's path.
+    pub const BACKUP_PATH: &str = "backup_path";
+    /// A sub-step of a long step.
+    pub const SUBSTEP: &str = "substep";
+    /// Bytes done.
+    pub const DONE_BYTES: &str = "done_bytes";
+    /// Bytes in total.
+    pub const TOTAL_BYTES: &str = "total_bytes";
+}
+
+/// The current boot's id: the kernel's, or `CRYPTFS_BOOT_ID` (VM rigs and tests that simulate
+/// a reboot without one).
+pub fn boot_id() -> String {
+    std::env::var("CRYPTFS_BOOT_ID")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Writes journal records for one run of one stage.
+pub struct Recorder {
+    journal: Journal,
+    boot_id: String,
+    stage: String,
+}
+
+impl Recorder {
+    /// Opens (or creates, or recovers) the journal at `path`.
+    pub fn open(path: &Path, stage: &str) -> crate::Result<(Recorder, Option<Recovery>)> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create journal directory {}", dir.display()))?;
+        }
+        let (journal, recovery) = Journal::open_or_recover(path, now_ms())?;
+        let mut recorder = Recorder {
+            journal,
+            boot_id: boot_id(),
+            stage: stage.to_string(),
+        };
+        if let Some(rec) = &recovery {
+            recorder.note(
+                "journal",
+                None,
+                Journal::details([
+                    (
+                        "kept_aside",
+                        Value::from(rec.kept_aside.display().to_string()),
+                    ),
+                    ("reason", Value::from(rec.reason.clone())),
+                ]),
+            )?;
+        }
+        Ok((recorder, recovery))
+    }
+
+    /// The journal.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// The boot id records are written with.
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
+    }
+
+    fn append(
+        &mut self,
+        step: &str,
+        phase: Phase,
+        before: Option<ProvisioningState>,
+        after: Option<ProvisioningState>,
+        details: std::collections::BTreeMap<String, Value>,
+    ) -> crate::Result<()> {
+        self.journal.append(RecordBody {
+            seq: 0,
+            time_unix_ms: now_ms(),
+            boot_id: self.boot_id.clone(),
+            stage: self.stage.clone(),
+            step: step.to_string(),
+            phase,
+            state_before: before,
+            state_after: after,
+            details,
+            prev_hash: String::new(),
+        })?;
+        Ok(())
+    }
+
+    /// Records, durably, that `step` is about to start.
+    pub fn intent(
+        &mut self,
+        step: Step,
+        state: ProvisioningState,
+        details: std::collections::BTreeMap<String, Value>,
+    ) -> crate::Result<()> {
+        self.append(step.name(), Phase::Intent, Some(state), None, details)
+    }
+
+    /// Records, durably, that `step` finished.
+    pub fn done(
+        &mut self,
+        step: Step,
+        state: ProvisioningState,
+        details: std::collections::BTreeMap<String, Value>,
+    ) -> crate::Result<()> {
+        self.append(step.name(), Phase::Done, Some(state), None, details)
+    }
+
+    /// Records that `step` failed with `error`.
+    pub fn failed(
+        &mut self,
+        step: Step,
+        state: ProvisioningState,
+        error: &str,
+    ) -> crate::Result<()> {
+        self.append(
+            step.name(),
+            Phase::Failed,
+            Some(state),
+            None,
+            Journal::details([("error", Value::from(error))]),
+        )
+    }
+
+    /// Records committed progress of `step`.
+    pub fn progress(&mut self, step: Step, done: u64, total: u64) -> crate::Result<()> {
+        self.append(
+            step.name(),
+            Phase::Progress,
+            None,
+            None,
+            Journal::details([
+                (keys::DONE_BYTES, Value::from(done)),
+                (keys::TOTAL_BYTES, Value::from(total)),
+            ]),
+        )
+    }
+
+    /// Records a sub-step of `step` reached durably.
+    pub fn substep(&mut self, step: Step, name: &str) -> crate::Result<()> {
+        self.append(
+            step.name(),
+            Phase::Note,
+            None,
+            None,
+            Journal::details([(keys::SUBSTEP, Value::from(name))]),
+        )
+    }
+
+    /// Records a fact that is no step.
+    pub fn note(
+        &mut self,
+        subject: &str,
+        state: Option<ProvisioningState>,
+        details: std::collections::BTreeMap<String, Value>,
+    ) -> crate::Result<()> {
+        self.append(subject, Phase::Note, state, None, details)
+    }
+
+    /// Records a state transition.
+    pub fn transition(
+        &mut self,
+        step: Step,
+        from: ProvisioningState,
+        to: ProvisioningState,
+    ) -> crate::Result<()> {
+        self.append(
+            "transition",
+            Phase::Note,
+            Some(from),
+            Some(to),
+            Journal::details([("step", Value::from(step.name()))]),
+        )
+    }
+}
+
+/// The records of `step` since its last intent, if that intent has no `done` after it.
+pub fn pending<'a>(journal: &'a Journal, step: Step) -> Option<&'a [Record]> {
+    let records = journal.records();
+    let start = records
+        .iter()
+        .rposition(|r| r.body.step == step.name() && r.body.phase == Phase::Intent)?;
+    let tail = &records[start..];
+    if tail
+        .iter()
+        .any(|r| r.body.step == step.name() && r.body.phase == Phase::Done)
+    {
+        None
+    } else {
+        Some(tail)
+    }
+}
+
+/// The sealed KEK journaled by an unfinished `step`, if any.
+pub fn pending_sealed_kek(journal: &Journal, step: Step) -> Option<SealedKek> {
+    pending(journal, step)?
+        .first()
+        .and_then(|r| r.body.details.get(keys::SEALED_KEK))
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+/// Whether an unfinished `step` reached sub-step `name`.
+pub fn reached(journal: &Journal, step: Step, name: &str) -> bool {
+    pending(journal, step).is_some_and(|recs| {
+        recs.iter()
+            .any(|r| r.body.detail_str(keys::SUBSTEP) == Some(name))
+    })
+}
+
+/// The latest `done` record of `step`.
+pub fn last_done<'a>(journal: &'a Journal, step: Step) -> Option<&'a Record> {
+    journal
+        .records()
+        .iter()
+        .rev()
+        .find(|r| r.body.step == step.name() && r.body.phase == Phase::Done)
+}
+
+/// The latest committed progress of `step`: (done, total).
+pub fn last_progress(journal: &Journal, step: Step) -> Option<(u64, u64)> {
+    let r = journal
+        .records()
+        .iter()
+        .rev()
+        .find(|r| r.body.step == step.name() && r.body.phase == Phase::Progress)?;
+    Some((
+        r.body.details.get(keys::DONE_BYTES)?.as_u64()?,
+        r.body.details.get(keys::TOTAL_BYTES)?.as_u64()?,
+    ))
+}
+
+/// What the journal says, as facts for the core.
+pub fn journal_facts(journal: &Journal, boot_id: &str) -> JournalFacts {
+    let volume_key_origin = journal
+        .latest_detail(keys::VOLUME_KEY_ORIGIN)
+        .and_then(|v| serde_json::from_value::<VolumeKeyOrigin>(v.clone()).ok());
+    let reencrypt_initialised_this_boot =
+        last_done(journal, Step::InitReencrypt).is_some_and(|r| r.body.boot_id == boot_id);
+    let filesystem_grown = last_done(journal, Step::GrowFilesystem).is_some();
+    JournalFacts {
+        volume_key_origin,
+        reencrypt_initialised_this_boot,
+        filesystem_grown,
+    }
+}
+
+/// The blake3 digest the journal holds for the header backup.
+pub fn backup_digest(journal: &Journal) -> Option<String> {
+    last_done(journal, Step::BackupHeader)
+        .and_then(|r| r.body.detail_str(keys::BACKUP_BLAKE3))
+        .map(String::from)
+}

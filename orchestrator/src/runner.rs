@@ -1,0 +1,252 @@
+//! The stage runner: observe → decide (pure core) → act (one step) → observe → check the
+//! transition against the model → repeat until the stage has nothing left to do.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use cryptfs_journal::Journal;
+use cryptfs_states::{
+    derive_state, plan, Action, DeviceFacts, Facts, Luks2Facts, Policy, ProvisioningMachine,
+    ProvisioningState, ReencryptMode, Stage,
+};
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::kek::{self, KekProtector};
+use crate::luks::device;
+use crate::probe::{self, Content, Probe};
+use crate::record::{self, Recorder};
+use crate::steps::{self, backup::file_blake3, encrypt, StepContext};
+
+/// Name of a stage as in the journal.
+pub fn stage_name(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Initramfs => "initramfs",
+        Stage::Userspace => "userspace",
+        Stage::All => "all",
+    }
+}
+
+/// Whether the header backup exists and matches the digest the journal recorded.
+pub fn backup_verified(config: &Config, journal: Option<&Journal>) -> bool {
+    let path = config.backup_path();
+    match (journal.and_then(record::backup_digest), path.exists()) {
+        (Some(expected), true) => file_blake3(&path).is_ok_and(|d| d == expected),
+        _ => false,
+    }
+}
+
+/// Builds the core's facts from a probe and the journal. Unsupported content is an error
+/// with the action the user should take.
+pub fn facts(
+    config: &Config,
+    kek: &dyn KekProtector,
+    probe: &Probe,
+    journal: Option<&Journal>,
+    boot_id: &str,
+) -> crate::Result<Facts> {
+    let dev = config.device.display();
+    let device = match &probe.content {
+        Content::PlainExt4(_) => DeviceFacts::PlainExt4,
+        Content::Luks2(meta) => DeviceFacts::Luks2(Luks2Facts {
+            kek_token: steps::usable_token(kek, meta).is_some(),
+            passphrase_keyslots: meta.passphrase_keyslots(),
+            reencrypt: match meta.reencrypt_mode() {
+                Some("encrypt") => Some(ReencryptMode::Encrypt),
+                Some("reencrypt") => Some(ReencryptMode::Reencrypt),
+                Some(other) => bail!(
+                    "{dev} is being re-encrypted in mode {other:?}, which cryptfs does not handle"
+                ),
+                None => None,
+            },
+        }),
+        Content::Luks1 => bail!(
+            "{dev} is LUKS1; cryptfs needs LUKS2 (convert it with `cryptsetup convert --type \
+             luks2 {dev}`)"
+        ),
+        Content::Luks2Damaged => bail!(
+            "{dev} has a LUKS2 header whose copies are both damaged, and no verified backup to \
+             restore it from"
+        ),
+        Content::Unrecognised => bail!(
+            "{dev} holds neither an ext4 filesystem nor a LUKS2 volume: nothing cryptfs can \
+             encrypt or unlock (wrong `device` in the configuration?)"
+        ),
+    };
+    Ok(Facts {
+        device,
+        journal: journal
+            .map(|j| record::journal_facts(j, boot_id))
+            .unwrap_or_default(),
+        backup_verified: backup_verified(config, journal),
+        mapping_active: probe::mapping_active(config.mapping_name.as_deref()),
+        policy: Policy {
+            reencrypt: config.reencrypt.policy,
+        },
+    })
+}
+
+/// Repairs what must be repaired before the state can even be derived: an interrupted
+/// placement of the in-place encryption header, or a damaged header with a verified backup.
+fn repair_before_probe(ctx: &mut StepContext<'_>, probe: &Probe) -> crate::Result<bool> {
+    let encrypting =
+        matches!(&probe.content, Content::Luks2(m) if m.reencrypt_mode() == Some("encrypt"));
+    if !encrypting
+        && !record::reached(
+            ctx.rec.journal(),
+            cryptfs_states::Step::EncryptInPlace,
+            "header-placed",
+        )
+        && encrypt::header_placement_interrupted(ctx)
+    {
+        encrypt::redo_header_placement(ctx)?;
+        return Ok(true);
+    }
+    if let Content::Luks2(meta) = &probe.content {
+        if meta.primary_ok && meta.secondary_ok {
+            return Ok(false);
+        }
+    }
+    let damaged = match &probe.content {
+        Content::Luks2Damaged => true,
+        Content::Luks2(meta) => !meta.primary_ok,
+        _ => false,
+    };
+    if damaged {
+        let backup = ctx.config.backup_path();
+        if !backup_verified(ctx.config, Some(ctx.rec.journal())) {
+            if backup.exists() {
+                bail!(
+                    "the LUKS2 header of {} is damaged and the backup {} does not match the \
+                     digest in the journal: refusing to restore it",
+                    ctx.config.device.display(),
+                    backup.display()
+                );
+            }
+            return Ok(false);
+        }
+        tracing::warn!(
+            "LUKS2 header damaged; restoring the verified backup {}",
+            backup.display()
+        );
+        ctx.rec.note(
+            "restore-header",
+            None,
+            Journal::details([("phase", Value::from("intent"))]),
+        )?;
+        device::header_restore(&ctx.config.device, &backup)?;
+        ctx.rec.note(
+            "restore-header",
+            None,
+            Journal::details([("phase", Value::from("done"))]),
+        )?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Runs `stage` until it has nothing left to do; returns the state reached.
+pub fn run(
+    config: &Config,
+    stage: Stage,
+    stop: Arc<AtomicBool>,
+) -> crate::Result<ProvisioningState> {
+    // Fail on a missing or unreadable device before creating anything anywhere.
+    probe::probe(&config.device)?;
+    let mut kek = kek::from_config(config)?;
+    let (mut rec, recovery) = Recorder::open(&config.journal_path(), stage_name(stage))?;
+    if let Some(rec) = recovery {
+        tracing::error!(
+            kept_aside = %rec.kept_aside.display(),
+            reason = %rec.reason,
+            "journal was damaged: kept aside, state rebuilt from the device"
+        );
+    }
+    let boot_id = rec.boot_id().to_string();
+    let mut machine: Option<ProvisioningMachine> = None;
+    for _ in 0..32 {
+        let probe = probe::probe(&config.device)?;
+        {
+            let mut ctx = StepContext {
+                config,
+                kek: kek.as_mut(),
+                rec: &mut rec,
+                stop: stop.clone(),
+                stage,
+                state: ProvisioningState::Unencrypted,
+            };
+            if repair_before_probe(&mut ctx, &probe)? {
+                machine = None;
+                continue;
+            }
+        }
+        let current = facts(config, kek.as_ref(), &probe, Some(rec.journal()), &boot_id)?;
+        let state = derive_state(&current);
+        let machine = machine.get_or_insert_with(|| {
+            tracing::info!(%state, stage = stage_name(stage), "provisioning state");
+            ProvisioningMachine::resume(state)
+        });
+        if machine.state() != state {
+            bail!(
+                "the device changed behind cryptfs's back: expected {}, found {state}",
+                machine.state()
+            );
+        }
+        let step = match plan(&current, stage) {
+            Action::Done => {
+                if state == ProvisioningState::HeaderBackedUp
+                    && stage != Stage::Initramfs
+                    && !current.journal.filesystem_grown
+                    && !current.mapping_active
+                {
+                    tracing::info!(
+                        "filesystem growth skipped: the volume has no active mapping (it grows \
+                         when the userspace stage runs with the root mounted)"
+                    );
+                }
+                tracing::info!(%state, stage = stage_name(stage), "nothing left to do in this stage");
+                return Ok(state);
+            }
+            Action::Blocked(blocker) => bail!(
+                "the {} stage cannot run: the device is {state} and {:?} (run `cryptfs run \
+                 --stage initramfs` first)",
+                stage_name(stage),
+                blocker
+            ),
+            Action::Run(step) => step,
+        };
+        tracing::info!(%step, %state, "step starting");
+        let mut ctx = StepContext {
+            config,
+            kek: kek.as_mut(),
+            rec: &mut rec,
+            stop: stop.clone(),
+            stage,
+            state,
+        };
+        if let Err(err) = steps::run(step, &mut ctx, &probe) {
+            let message = format!("{err:#}");
+            if let Err(journal_err) = rec.failed(step, state, &message) {
+                tracing::error!("could not journal the failure: {journal_err:#}");
+            }
+            return Err(err.context(format!("step {step} failed (device was {state})")));
+        }
+        let after = probe::probe(&config.device)?;
+        let observed = derive_state(&facts(
+            config,
+            kek.as_ref(),
+            &after,
+            Some(rec.journal()),
+            &boot_id,
+        )?);
+        let transitions = machine
+            .completed(step, observed)
+            .map_err(|e| anyhow!("{e}: the device does not look as the step promised"))?;
+        for (from, to) in transitions {
+            tracing::info!(%from, %to, "state transition");
+            rec.transition(step, from, to)?;
+        }
+    }
+    Err(anyhow!("provisioning did not settle after 32 steps")).context("internal error")
+}

@@ -1,0 +1,202 @@
+//! `encrypt-in-place`: plain ext4 → LUKS2 with a data shift, KEK keyslot and token included.
+//!
+//! Sub-steps, each journaled once durable (see design/steps.md for the crash analysis):
+//! `shrunk` → `prepared` (temporary header made, first 16 MiB copied to the tail, device
+//! flushed) → `header-placed` → data encrypted → `done`.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context};
+use cryptfs_journal::Journal;
+use cryptfs_states::{Step, VolumeKeyOrigin};
+use serde_json::Value;
+
+use super::StepContext;
+use crate::cmd;
+use crate::ext4::Ext4Facts;
+use crate::failpoint;
+use crate::luks::{device, reencrypt, REDUCE_DEVICE_BYTES};
+use crate::probe::{Content, Probe};
+use crate::record::{self, keys};
+
+const STEP: Step = Step::EncryptInPlace;
+
+/// Runs or resumes in-place encryption.
+pub fn run(ctx: &mut StepContext<'_>, probe: &Probe) -> crate::Result<()> {
+    match &probe.content {
+        Content::PlainExt4(fs) => start(ctx, fs, probe.size_bytes),
+        Content::Luks2(meta) if meta.reencrypt_mode() == Some("encrypt") => finish(ctx),
+        _ => bail!("in-place encryption needs a plain ext4 filesystem"),
+    }
+}
+
+/// Whether a crash hit while the header was being placed: the temporary header is complete and
+/// the moved data is durable, but the device's head may be neither ext4 nor valid LUKS2.
+pub fn header_placement_interrupted(ctx: &StepContext<'_>) -> bool {
+    record::reached(ctx.rec.journal(), STEP, "prepared") && ctx.config.temp_header_path().exists()
+}
+
+/// Places the prepared header again (idempotent: it is the same header) and finishes.
+pub fn redo_header_placement(ctx: &mut StepContext<'_>) -> crate::Result<()> {
+    tracing::warn!("header placement was interrupted; placing the prepared header again");
+    place_header_and_finish(ctx)
+}
+
+fn resize2fs_minimum_blocks(device: &Path) -> crate::Result<u64> {
+    let out = cmd::run("resize2fs", &["-P", &device.display().to_string()], &[0])?;
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Estimated minimum size of the filesystem:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| anyhow!("cannot read resize2fs -P output: {}", out.stdout.trim()))
+}
+
+fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::Result<()> {
+    let dev = ctx.config.device.clone();
+    let dev_str = dev.display().to_string();
+    // Preconditions, all before the first write.
+    let target_bytes = size_bytes
+        .checked_sub(REDUCE_DEVICE_BYTES)
+        .filter(|b| *b >= 64 * 1024 * 1024)
+        .ok_or_else(|| {
+            anyhow!("{dev_str} is too small to encrypt in place (needs 96 MiB at least)")
+        })?;
+    let target_blocks = target_bytes / fs.block_size;
+    if fs.size_bytes() > size_bytes {
+        bail!("the filesystem on {dev_str} is larger than the device: refusing to touch it");
+    }
+    let check = cmd::run_any("e2fsck", &["-n", "-f", &dev_str])?;
+    if check.code != Some(0) {
+        bail!(
+            "the filesystem on {dev_str} has errors (e2fsck -n exit {:?}); repair it with \
+             `e2fsck -f {dev_str}` before encryption: {}",
+            check.code,
+            check.stdout.lines().last().unwrap_or("")
+        );
+    }
+    if fs.blocks > target_blocks {
+        let minimum = resize2fs_minimum_blocks(&dev)?;
+        if minimum > target_blocks {
+            let short_mib = (minimum - target_blocks) * fs.block_size / (1024 * 1024) + 1;
+            bail!(
+                "the filesystem on {dev_str} is too full to shrink by 32 MiB for the LUKS2 \
+                 header: it needs {minimum} blocks, {target_blocks} would remain; free at \
+                 least {short_mib} MiB and retry"
+            );
+        }
+    }
+    ctx.kek.preflight()?;
+
+    // Seal first: the sealed form is public and goes into the journal, the secret itself only
+    // ever exists in memory and as the keyslot passphrase. No temporary passphrase exists.
+    let (secret, sealed) = ctx.kek.seal()?;
+    let uuid = uuid::Uuid::new_v4();
+    ctx.rec.intent(
+        STEP,
+        ctx.state,
+        Journal::details([
+            (keys::SEALED_KEK, serde_json::to_value(&sealed)?),
+            ("luks_uuid", Value::from(uuid.to_string())),
+            ("filesystem_uuid", Value::from(fs.uuid.clone())),
+            ("filesystem_label", Value::from(fs.label.clone())),
+            ("device_bytes", Value::from(size_bytes)),
+        ]),
+    )?;
+    failpoint::hit("encrypt-in-place:after-intent");
+
+    cmd::run("e2fsck", &["-p", "-f", &dev_str], &[0, 1])?;
+    if fs.blocks > target_blocks {
+        tracing::info!(
+            from = fs.blocks,
+            to = target_blocks,
+            "shrinking the filesystem"
+        );
+        cmd::run("resize2fs", &[&dev_str, &target_blocks.to_string()], &[0])?;
+    }
+    ctx.rec.substep(STEP, "shrunk")?;
+    failpoint::hit("encrypt-in-place:after-shrink");
+
+    let temp_header = ctx.config.temp_header_path();
+    if let Some(dir) = temp_header.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if temp_header.exists() {
+        std::fs::remove_file(&temp_header)?;
+    }
+    let token_type = ctx.kek.token_type();
+    let passphrase = secret.keyslot_passphrase();
+    reencrypt::prepare_in_place(
+        &dev,
+        &temp_header,
+        uuid,
+        &ctx.config.label,
+        &passphrase,
+        ctx.config.reencrypt.hotzone_size,
+        |slot| sealed.token(token_type, slot),
+    )?;
+    // The first 16 MiB of plaintext now also lives at the tail. Make that copy durable before
+    // the header goes over the original (window C of the crash-windows note).
+    sync_path(&dev)?;
+    sync_path(&temp_header)?;
+    if let Some(dir) = temp_header.parent() {
+        sync_path(dir)?;
+    }
+    ctx.rec.substep(STEP, "prepared")?;
+    failpoint::hit("encrypt-in-place:after-prepare");
+    place_header_and_finish(ctx)
+}
+
+fn place_header_and_finish(ctx: &mut StepContext<'_>) -> crate::Result<()> {
+    let dev = ctx.config.device.clone();
+    device::header_restore(&dev, &ctx.config.temp_header_path())?;
+    sync_path(&dev)?;
+    ctx.rec.substep(STEP, "header-placed")?;
+    failpoint::hit("encrypt-in-place:after-header");
+    finish(ctx)
+}
+
+fn finish(ctx: &mut StepContext<'_>) -> crate::Result<()> {
+    let dev = ctx.config.device.clone();
+    let meta = match crate::probe::probe(&dev)?.content {
+        Content::Luks2(meta) => meta,
+        _ => bail!(
+            "{} lost its LUKS2 header during in-place encryption",
+            dev.display()
+        ),
+    };
+    if record::pending(ctx.rec.journal(), STEP).is_none() {
+        // Resumed from the device alone (journal lost): record the intent now.
+        ctx.rec.intent(
+            STEP,
+            ctx.state,
+            Journal::details([("resumed_from", Value::from("device"))]),
+        )?;
+    }
+    let (keyslot, passphrase) = super::unlock_with_token(ctx, &meta)?;
+    super::reencrypt::drive(ctx, reencrypt::Kind::Encrypt, None, &passphrase)?;
+    let temp_header = ctx.config.temp_header_path();
+    if temp_header.exists() {
+        std::fs::remove_file(&temp_header)
+            .with_context(|| format!("cannot remove {}", temp_header.display()))?;
+    }
+    ctx.rec.done(
+        STEP,
+        ctx.state,
+        Journal::details([
+            (
+                keys::VOLUME_KEY_ORIGIN,
+                serde_json::to_value(VolumeKeyOrigin::InPlace)?,
+            ),
+            (keys::KEYSLOT, Value::from(keyslot)),
+        ]),
+    )?;
+    Ok(())
+}
+
+/// fsync of a file, device or directory.
+pub fn sync_path(path: &Path) -> crate::Result<()> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("cannot flush {}", path.display()))
+}

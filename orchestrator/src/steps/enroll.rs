@@ -1,0 +1,82 @@
+//! `enroll-kek`: add the KEK keyslot and token next to the CI image's passphrase keyslot.
+//!
+//! Order: seal → journal the sealed form (intent) → add keyslot → write token → prove it.
+//! A crash after the keyslot but before the token leaves a keyslot that the journaled sealed
+//! form opens: the resume finds it and writes the token (no orphan, no second keyslot).
+
+use anyhow::{anyhow, Context};
+use cryptfs_journal::Journal;
+use cryptfs_states::{Step, VolumeKeyOrigin};
+use serde_json::Value;
+
+use super::StepContext;
+use crate::failpoint;
+use crate::luks::device;
+use crate::luks::metadata::Luks2Metadata;
+use crate::record::{self, keys};
+
+const STEP: Step = Step::EnrollKek;
+
+/// Enrolls (or finishes enrolling) the KEK.
+pub fn run(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()> {
+    let dev = ctx.config.device.clone();
+    let image_passphrase = ctx.config.image_passphrase()?;
+    let source = ctx.config.image_passphrase_file.as_ref().map_or_else(
+        || "the built-in default".to_string(),
+        |p| p.display().to_string(),
+    );
+    let image_keyslot = device::test_passphrase(&dev, None, &image_passphrase)
+        .map_err(|e| anyhow!("wrong image passphrase (from {source}): {e}"))?;
+    ctx.kek.preflight()?;
+
+    let (secret, sealed) = match record::pending_sealed_kek(ctx.rec.journal(), STEP) {
+        Some(sealed) => {
+            tracing::info!("resuming an interrupted enrollment with the journaled sealed KEK");
+            (ctx.kek.unseal(&sealed)?, sealed)
+        }
+        None => {
+            let (secret, sealed) = ctx.kek.seal()?;
+            ctx.rec.intent(
+                STEP,
+                ctx.state,
+                Journal::details([
+                    (keys::SEALED_KEK, serde_json::to_value(&sealed)?),
+                    (
+                        keys::VOLUME_KEY_ORIGIN,
+                        serde_json::to_value(VolumeKeyOrigin::Image)?,
+                    ),
+                    ("image_keyslot", Value::from(image_keyslot)),
+                    ("luks_uuid", Value::from(meta.uuid.clone())),
+                ]),
+            )?;
+            (secret, sealed)
+        }
+    };
+    failpoint::hit("enroll-kek:after-intent");
+    let passphrase = secret.keyslot_passphrase();
+    let keyslot = match device::test_passphrase(&dev, None, &passphrase) {
+        Ok(slot) if slot != image_keyslot => slot,
+        _ => device::add_keyslot(&dev, &image_passphrase, &passphrase)?,
+    };
+    failpoint::hit("enroll-kek:after-keyslot");
+    let current = match crate::probe::probe(&dev)?.content {
+        crate::probe::Content::Luks2(meta) => meta,
+        _ => return Err(anyhow!("{} lost its LUKS2 header", dev.display())),
+    };
+    if current.tokens_of(keyslot).next().is_none() {
+        device::add_token(&dev, &sealed.token(ctx.kek.token_type(), keyslot))?;
+    }
+    // Prove the token path end to end before anything is wiped.
+    let current = match crate::probe::probe(&dev)?.content {
+        crate::probe::Content::Luks2(meta) => meta,
+        _ => return Err(anyhow!("{} lost its LUKS2 header", dev.display())),
+    };
+    let (opened, _) = super::unlock_with_token(ctx, &current)
+        .context("the enrolled KEK token does not unlock the volume")?;
+    ctx.rec.done(
+        STEP,
+        ctx.state,
+        Journal::details([(keys::KEYSLOT, Value::from(opened))]),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! One module per provisioning step. Each step:
+//! 1. checks every precondition it can before writing anything (to the device or the journal);
+//! 2. journals its intent durably;
+//! 3. acts, idempotently: on a resume after a crash it looks at the device first and does only
+//!    what is missing;
+//! 4. journals `done`.
+
+pub mod backup;
+pub mod encrypt;
+pub mod enroll;
+pub mod grow;
+pub mod reencrypt;
+pub mod wipe;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail};
+use cryptfs_states::{ProvisioningState, Stage, Step};
+
+use crate::config::Config;
+use crate::kek::{KekProtector, SealedKek};
+use crate::luks::device;
+use crate::luks::metadata::Luks2Metadata;
+use crate::probe::{Content, Probe};
+use crate::record::Recorder;
+use crate::secret::Passphrase;
+
+/// What a step works with.
+pub struct StepContext<'a> {
+    /// The configuration.
+    pub config: &'a Config,
+    /// The KEK protector.
+    pub kek: &'a mut dyn KekProtector,
+    /// The journal writer.
+    pub rec: &'a mut Recorder,
+    /// Set when the service is asked to stop: long steps stop between hotzones.
+    pub stop: Arc<AtomicBool>,
+    /// The stage running.
+    pub stage: Stage,
+    /// The state derived before the step.
+    pub state: ProvisioningState,
+}
+
+/// Runs `step` on the device as `probe` observed it.
+pub fn run(step: Step, ctx: &mut StepContext<'_>, probe: &Probe) -> crate::Result<()> {
+    match step {
+        Step::EncryptInPlace => encrypt::run(ctx, probe),
+        Step::EnrollKek => enroll::run(ctx, luks2(probe)?),
+        Step::WipePassphrase => wipe::run(ctx, luks2(probe)?),
+        Step::InitReencrypt => reencrypt::init(ctx, luks2(probe)?),
+        Step::Reencrypt => reencrypt::run(ctx, luks2(probe)?),
+        Step::BackupHeader => backup::run(ctx),
+        Step::GrowFilesystem => grow::run(ctx),
+    }
+}
+
+fn luks2(probe: &Probe) -> crate::Result<&Luks2Metadata> {
+    match &probe.content {
+        Content::Luks2(meta) => Ok(meta),
+        _ => bail!("expected a LUKS2 volume"),
+    }
+}
+
+/// The KEK token this protector can use, as (token id, keyslot, sealed form).
+pub fn usable_token(kek: &dyn KekProtector, meta: &Luks2Metadata) -> Option<(u32, u32, SealedKek)> {
+    meta.tokens.iter().find_map(|(id, token)| {
+        let slot = *token.keyslots.first()?;
+        if kek.can_use(&token.json) && meta.keyslots.contains_key(&slot) {
+            Some((*id, slot, SealedKek::from_token(&token.json)?))
+        } else {
+            None
+        }
+    })
+}
+
+/// Unseals the KEK of the volume and proves it opens its keyslot; returns (keyslot, passphrase).
+pub fn unlock_with_token(
+    ctx: &mut StepContext<'_>,
+    meta: &Luks2Metadata,
+) -> crate::Result<(u32, Passphrase)> {
+    let (_, slot, sealed) = usable_token(ctx.kek, meta).ok_or_else(|| {
+        anyhow!(
+            "the volume has no {} token this device can use",
+            ctx.kek.token_type()
+        )
+    })?;
+    let secret = ctx.kek.unseal(&sealed)?;
+    let passphrase = secret.keyslot_passphrase();
+    let opened = device::test_passphrase(&ctx.config.device, None, &passphrase)
+        .map_err(|e| anyhow!("the KEK unsealed but opens no keyslot: {e}"))?;
+    if opened != slot {
+        tracing::warn!(
+            token_keyslot = slot,
+            opened,
+            "KEK opens another keyslot than its token names"
+        );
+    }
+    Ok((opened, passphrase))
+}

@@ -1,0 +1,189 @@
+//! `init-reencrypt` and `reencrypt`: replace the volume key that came from the image.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+
+use anyhow::{anyhow, bail};
+use cryptfs_journal::Journal;
+use cryptfs_states::{Stage, Step, VolumeKeyOrigin};
+use serde_json::Value;
+
+use super::StepContext;
+use crate::failpoint;
+use crate::kek::SealedKek;
+use crate::luks::metadata::Luks2Metadata;
+use crate::luks::{device, reencrypt as luks_reencrypt};
+use crate::probe::{self, Content};
+use crate::record::{self, keys};
+use crate::secret::Passphrase;
+
+fn active_name(ctx: &StepContext<'_>) -> Option<String> {
+    let name = ctx.config.mapping_name.as_deref();
+    probe::mapping_active(name)
+        .then(|| name.map(String::from))
+        .flatten()
+}
+
+/// Marks the header for re-encryption with a new volume key.
+pub fn init(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()> {
+    let (keyslot, passphrase) = super::unlock_with_token(ctx, meta)?;
+    ctx.rec.intent(
+        Step::InitReencrypt,
+        ctx.state,
+        Journal::details([(keys::KEYSLOT, Value::from(keyslot))]),
+    )?;
+    failpoint::hit("init-reencrypt:after-intent");
+    let new_keyslot = luks_reencrypt::init_volume_key_change(
+        &ctx.config.device,
+        &passphrase,
+        keyslot,
+        ctx.config.reencrypt.hotzone_size,
+    )?;
+    failpoint::hit("init-reencrypt:after-init");
+    ctx.rec.done(
+        Step::InitReencrypt,
+        ctx.state,
+        Journal::details([("new_keyslot", Value::from(new_keyslot))]),
+    )?;
+    Ok(())
+}
+
+/// Runs (or resumes) the volume-key replacement to its end.
+pub fn run(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()> {
+    let dev = ctx.config.device.clone();
+    let active = active_name(ctx);
+    if active.is_none() {
+        if let Some(why) = probe::in_use(&dev)? {
+            bail!(
+                "{} is {why}: offline re-encryption would corrupt it; run the userspace stage \
+                 with the volume active as {:?}",
+                dev.display(),
+                ctx.config.mapping_name
+            );
+        }
+    }
+    let (_, passphrase) = super::unlock_with_token(ctx, meta)?;
+    if record::pending(ctx.rec.journal(), Step::Reencrypt).is_none() {
+        ctx.rec.intent(
+            Step::Reencrypt,
+            ctx.state,
+            Journal::details([("online", Value::from(active.is_some()))]),
+        )?;
+    } else {
+        tracing::info!("resuming an interrupted re-encryption");
+    }
+    drive(
+        ctx,
+        luks_reencrypt::Kind::Reencrypt,
+        active.as_deref(),
+        &passphrase,
+    )?;
+    reassign_token(ctx, &passphrase)?;
+    ctx.rec.done(
+        Step::Reencrypt,
+        ctx.state,
+        Journal::details([(
+            keys::VOLUME_KEY_ORIGIN,
+            serde_json::to_value(VolumeKeyOrigin::Reencrypted)?,
+        )]),
+    )?;
+    Ok(())
+}
+
+/// After re-encryption the new volume key lives in a new keyslot for the same passphrase; make
+/// sure the KEK token names a keyslot that exists.
+fn reassign_token(ctx: &mut StepContext<'_>, passphrase: &Passphrase) -> crate::Result<()> {
+    let dev = ctx.config.device.clone();
+    let meta = match probe::probe(&dev)?.content {
+        Content::Luks2(meta) => meta,
+        _ => bail!(
+            "{} lost its LUKS2 header after re-encryption",
+            dev.display()
+        ),
+    };
+    if super::usable_token(ctx.kek, &meta).is_some() {
+        return Ok(());
+    }
+    let slot = device::test_passphrase(&dev, None, passphrase)?;
+    let (id, token) = meta
+        .tokens
+        .iter()
+        .find(|(_, t)| t.kind == ctx.kek.token_type())
+        .ok_or_else(|| anyhow!("the KEK token vanished during re-encryption"))?;
+    let sealed = SealedKek::from_token(&token.json)
+        .ok_or_else(|| anyhow!("the KEK token is not a JSON object"))?;
+    device::replace_token(&dev, *id, &sealed.token(ctx.kek.token_type(), slot))?;
+    tracing::info!(
+        token = id,
+        keyslot = slot,
+        "KEK token now names the new keyslot"
+    );
+    Ok(())
+}
+
+/// Drives a re-encryption (either kind) to its end with progress in the log, on stderr and
+/// in the journal (at most every 5 %). Stops cleanly between hotzones when asked to.
+pub fn drive(
+    ctx: &mut StepContext<'_>,
+    kind: luks_reencrypt::Kind,
+    active: Option<&str>,
+    passphrase: &Passphrase,
+) -> crate::Result<()> {
+    let step = match kind {
+        luks_reencrypt::Kind::Encrypt => Step::EncryptInPlace,
+        luks_reencrypt::Kind::Reencrypt => Step::Reencrypt,
+    };
+    let dev = ctx.config.device.clone();
+    let hotzone = ctx.config.reencrypt.hotzone_size;
+    let stop = ctx.stop.clone();
+    let rec = &mut *ctx.rec;
+    let mut journal_error = None;
+    let mut last_recorded = 0u64;
+    let started = std::time::Instant::now();
+    let mut report = |done: u64, total: u64| -> bool {
+        if total > 0 && (done == total || done >= last_recorded + total / 20) {
+            if let Err(e) = rec.progress(step, done, total) {
+                journal_error = Some(e);
+                return false;
+            }
+            last_recorded = done;
+            let mib = |b: u64| b / (1024 * 1024);
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            tracing::info!(step = %step, done_mib = mib(done), total_mib = mib(total), "progress");
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(
+                err,
+                "cryptfs: {step}: {:>3}% ({} of {} MiB, {:.1} MiB/s)",
+                done * 100 / total,
+                mib(done),
+                mib(total),
+                done as f64 / (1024.0 * 1024.0) / secs
+            );
+        }
+        if done < total {
+            failpoint::hit(&format!("{step}:mid"));
+        }
+        !stop.load(Ordering::SeqCst)
+    };
+    luks_reencrypt::run(&dev, kind, active, passphrase, hotzone, &mut report)?;
+    if let Some(e) = journal_error {
+        return Err(e.context("could not journal progress; stopped between hotzones"));
+    }
+    let meta = match probe::probe(&dev)?.content {
+        Content::Luks2(meta) => meta,
+        _ => bail!(
+            "{} lost its LUKS2 header during re-encryption",
+            dev.display()
+        ),
+    };
+    if meta.reencrypt_mode().is_some() {
+        if ctx.stop.load(Ordering::SeqCst) {
+            bail!("{step} stopped on request; it resumes at the next start");
+        }
+        bail!("{step} ended but the header still requires re-encryption");
+    }
+    if ctx.stage == Stage::Initramfs {
+        tracing::info!(%step, "finished in the initramfs (blocking)");
+    }
+    Ok(())
+}
