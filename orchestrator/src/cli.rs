@@ -35,6 +35,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Unlock with the KEK token (no activation) and write the decrypted filesystem image to
+    /// a file, for offline checks on machines without dm-crypt (demo, tests).
+    #[command(hide = true)]
+    ExportPlaintext {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// `--stage`.

@@ -11,12 +11,14 @@ pub mod ext4;
 pub mod failpoint;
 pub mod kek;
 pub mod luks;
+pub mod plaintext;
 pub mod probe;
 pub mod record;
 pub mod runner;
 pub mod secret;
 pub mod status;
 pub mod steps;
+pub mod unlock;
 
 /// Everything that can stop cryptfs, with the context a user needs to act on it.
 pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;

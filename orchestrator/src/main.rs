@@ -73,5 +73,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::ExportPlaintext { config, out } => {
+            let config = Config::load(&config)?;
+            let unlocked = cryptfs::unlock::with_token(&config)?;
+            let bytes = cryptfs::plaintext::export(
+                &config.device,
+                &unlocked.meta,
+                &unlocked.volume_key,
+                &out,
+            )?;
+            println!(
+                "cryptfs: token {} opened keyslot {}; {} MiB of plaintext written to {}",
+                unlocked.token,
+                unlocked.keyslot,
+                bytes >> 20,
+                out.display()
+            );
+            Ok(())
+        }
     }
 }

@@ -27,6 +27,8 @@ pub mod keys {
     pub const DONE_BYTES: &str = "done_bytes";
     /// Bytes in total.
     pub const TOTAL_BYTES: &str = "total_bytes";
+    /// On a reconciled `done`: the boot in which the step's effect happened.
+    pub const EFFECT_BOOT_ID: &str = "effect_boot_id";
 }
 
 /// The current boot's id: the kernel's, or `CRYPTFS_BOOT_ID` (VM rigs and tests that simulate
@@ -201,6 +203,38 @@ impl Recorder {
             Journal::details([("step", Value::from(step.name()))]),
         )
     }
+}
+
+/// Closes the journal's open intents whose effect the device already shows (the process died
+/// between the effect and its `done` record). Returns the steps reconciled.
+pub fn reconcile(rec: &mut Recorder, state: ProvisioningState) -> crate::Result<Vec<Step>> {
+    let mut closed = Vec::new();
+    for step in Step::ALL {
+        let Some(intent) = pending(rec.journal(), step)
+            .and_then(|r| r.first())
+            .cloned()
+        else {
+            continue;
+        };
+        let Some(from) = intent.body.state_before else {
+            continue;
+        };
+        if from != state && cryptfs_states::allowed(from, step).contains(&state) {
+            rec.done(
+                step,
+                state,
+                Journal::details([
+                    ("reconciled", Value::from("effect found on the device")),
+                    (
+                        keys::EFFECT_BOOT_ID,
+                        Value::from(intent.body.boot_id.clone()),
+                    ),
+                ]),
+            )?;
+            closed.push(step);
+        }
+    }
+    Ok(closed)
 }
 
 /// The records of `step` since its last intent, if that intent has no `done` after it.

@@ -74,11 +74,19 @@ pub fn facts(
              encrypt or unlock (wrong `device` in the configuration?)"
         ),
     };
+    let mut journal_facts = journal
+        .map(|j| record::journal_facts(j, boot_id))
+        .unwrap_or_default();
+    // The metadata's marker is the ground truth for the key's origin; the journal fills in
+    // only where the device has none (a CI image, or a volume made before markers).
+    if let Content::Luks2(meta) = &probe.content {
+        if let Some(origin) = crate::luks::marker::origin(meta) {
+            journal_facts.volume_key_origin = Some(origin);
+        }
+    }
     Ok(Facts {
         device,
-        journal: journal
-            .map(|j| record::journal_facts(j, boot_id))
-            .unwrap_or_default(),
+        journal: journal_facts,
         backup_verified: backup_verified(config, journal),
         mapping_active: probe::mapping_active(config.mapping_name.as_deref()),
         policy: Policy {
@@ -183,6 +191,9 @@ pub fn run(
         }
         let current = facts(config, kek.as_ref(), &probe, Some(rec.journal()), &boot_id)?;
         let state = derive_state(&current);
+        for step in record::reconcile(&mut rec, state)? {
+            tracing::info!(%step, %state, "interrupted step had already taken effect; journal reconciled");
+        }
         let machine = machine.get_or_insert_with(|| {
             tracing::info!(%state, stage = stage_name(stage), "provisioning state");
             ProvisioningMachine::resume(state)

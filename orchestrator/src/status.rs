@@ -91,6 +91,9 @@ pub struct TokenStatus {
     pub keyslots: Vec<u32>,
     /// Whether this device's configured protector can use it.
     pub usable: bool,
+    /// `kek` (this device's KEK), `marker` (cryptfs's key-origin record, opens nothing) or
+    /// `other` (a token cryptfs does not use; never deleted).
+    pub role: String,
     /// PCRs (TPM tokens).
     pub pcrs: Option<serde_json::Value>,
 }
@@ -297,6 +300,14 @@ fn describe(device: &mut DeviceStatus, content: &Content, kek: &dyn kek::KekProt
                     kind: token.kind.clone(),
                     keyslots: token.keyslots.clone(),
                     usable: kek.can_use(&token.json),
+                    role: if token.kind == crate::luks::marker::TOKEN_TYPE {
+                        "marker"
+                    } else if kek.can_use(&token.json) {
+                        "kek"
+                    } else {
+                        "other"
+                    }
+                    .into(),
                     pcrs: token.json.get("tpm2-pcrs").cloned(),
                 });
             }

@@ -39,6 +39,17 @@ pub enum Step {
 }
 
 impl Step {
+    /// Every step, in path order.
+    pub const ALL: [Step; 7] = [
+        Step::EncryptInPlace,
+        Step::EnrollKek,
+        Step::WipePassphrase,
+        Step::InitReencrypt,
+        Step::Reencrypt,
+        Step::BackupHeader,
+        Step::GrowFilesystem,
+    ];
+
     /// The step's name as in the journal and logs.
     pub fn name(self) -> &'static str {
         match self {

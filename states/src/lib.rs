@@ -18,7 +18,7 @@ pub use facts::{
     DeviceFacts, Facts, JournalFacts, Luks2Facts, Policy, ReencryptMode, ReencryptPolicy,
     ReencryptProgress, VolumeKeyOrigin,
 };
-pub use machine::{ProvisioningMachine, TransitionError};
+pub use machine::{allowed, ProvisioningMachine, TransitionError};
 pub use state::{derive_state, ProvisioningState};
 
 #[cfg(test)]

@@ -54,7 +54,7 @@ mod model {
     }
 
     /// Which targets a step may reach from a state.
-    fn allowed(from: ProvisioningState, step: Step) -> &'static [ProvisioningState] {
+    pub fn allowed(from: ProvisioningState, step: Step) -> &'static [ProvisioningState] {
         use ProvisioningState as S;
         match (from, step) {
             (S::Unencrypted, Step::EncryptInPlace) => &[S::KekEnrolled, S::Complete],
@@ -167,6 +167,7 @@ mod model {
     }
 }
 
+pub use model::allowed;
 use model::{from_statig, Model, Report};
 use statig::prelude::*;
 

@@ -121,6 +121,19 @@ impl Luks2Metadata {
             .filter(move |(_, t)| t.keyslots.contains(&slot))
     }
 
+    /// The digest of the volume key the data segment uses (from the `digests` section).
+    pub fn segment_digest(&self) -> Option<&str> {
+        let digests = self.json.get("digests")?.as_object()?;
+        digests.values().find_map(|d| {
+            let segments = d.get("segments")?.as_array()?;
+            if segments.iter().any(|s| s.as_str() == Some("0")) {
+                d.get("digest")?.as_str()
+            } else {
+                None
+            }
+        })
+    }
+
     /// Ordinary keyslots (type `luks2`) that no token references: passphrases.
     pub fn passphrase_keyslots(&self) -> Vec<u32> {
         self.keyslots

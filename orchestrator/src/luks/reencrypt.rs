@@ -109,6 +109,16 @@ pub fn prepare_in_place(
     cd.token_handle()
         .json_set(libcryptsetup_rs::TokenInput::AddToken(&token(keyslot)))
         .context("cannot add the KEK token to the temporary header")?;
+    let digest = match super::metadata::read(temp_header)? {
+        super::metadata::HeaderKind::Luks2(meta) => meta.segment_digest().map(String::from),
+        _ => None,
+    }
+    .context("the temporary header has no volume key digest")?;
+    cd.token_handle()
+        .json_set(libcryptsetup_rs::TokenInput::AddToken(
+            &super::marker::token(cryptfs_states::VolumeKeyOrigin::InPlace, &digest),
+        ))
+        .context("cannot add the cryptfs marker to the temporary header")?;
     cd.reencrypt_handle()
         .reencrypt_init_by_passphrase(
             None,

@@ -51,8 +51,52 @@ fn resize2fs_minimum_blocks(device: &Path) -> crate::Result<u64> {
         .ok_or_else(|| anyhow!("cannot read resize2fs -P output: {}", out.stdout.trim()))
 }
 
+/// resize2fs truncates an image *file* to the new filesystem size; the LUKS2 header and the data
+/// shift need the device's original length back (a block device keeps its size anyway).
+fn restore_image_length(dev: &Path, size_bytes: u64) -> crate::Result<()> {
+    let meta = std::fs::metadata(dev)?;
+    if meta.is_file() && meta.len() < size_bytes {
+        let file = std::fs::OpenOptions::new().write(true).open(dev)?;
+        file.set_len(size_bytes)?;
+        file.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The last check before the first header byte is written: the filesystem must end at least
+/// 32 MiB before the end of the device, or the data shift would cut its tail off.
+fn ensure_room_for_header(dev: &Path, size_bytes: u64) -> crate::Result<()> {
+    let fs = crate::ext4::read_superblock(dev)?
+        .ok_or_else(|| anyhow!("{} no longer holds ext4 after the shrink", dev.display()))?;
+    let now = crate::probe::probe(dev)?.size_bytes;
+    if now != size_bytes || fs.size_bytes() + REDUCE_DEVICE_BYTES > now {
+        bail!(
+            "refusing to encrypt {}: filesystem {} bytes, device {} bytes (expected {}); the \
+             LUKS2 header needs 32 MiB after the filesystem",
+            dev.display(),
+            fs.size_bytes(),
+            now,
+            size_bytes
+        );
+    }
+    Ok(())
+}
+
 fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::Result<()> {
     let dev = ctx.config.device.clone();
+    // A crash between resize2fs and the length restore leaves an image file shorter than the
+    // device was: the journal remembers the original length.
+    let journaled_bytes = record::pending(ctx.rec.journal(), STEP)
+        .and_then(|recs| recs.first())
+        .and_then(|r| r.body.details.get("device_bytes"))
+        .and_then(Value::as_u64);
+    let size_bytes = match journaled_bytes {
+        Some(original) if original > size_bytes => {
+            restore_image_length(&dev, original)?;
+            original
+        }
+        _ => size_bytes,
+    };
     let dev_str = dev.display().to_string();
     // Preconditions, all before the first write.
     let target_bytes = size_bytes
@@ -113,6 +157,8 @@ fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::R
         );
         cmd::run("resize2fs", &[&dev_str, &target_blocks.to_string()], &[0])?;
     }
+    restore_image_length(&dev, size_bytes)?;
+    ensure_room_for_header(&dev, size_bytes)?;
     ctx.rec.substep(STEP, "shrunk")?;
     failpoint::hit("encrypt-in-place:after-shrink");
 

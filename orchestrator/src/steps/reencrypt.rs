@@ -12,7 +12,7 @@ use super::StepContext;
 use crate::failpoint;
 use crate::kek::SealedKek;
 use crate::luks::metadata::Luks2Metadata;
-use crate::luks::{device, reencrypt as luks_reencrypt};
+use crate::luks::{device, marker, reencrypt as luks_reencrypt};
 use crate::probe::{self, Content};
 use crate::record::{self, keys};
 use crate::secret::Passphrase;
@@ -79,6 +79,7 @@ pub fn run(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()>
         &passphrase,
     )?;
     reassign_token(ctx, &passphrase)?;
+    mark_reencrypted(ctx)?;
     ctx.rec.done(
         Step::Reencrypt,
         ctx.state,
@@ -121,6 +122,29 @@ fn reassign_token(ctx: &mut StepContext<'_>, passphrase: &Passphrase) -> crate::
     Ok(())
 }
 
+/// Records in the metadata that the volume key is now device-made (idempotent).
+fn mark_reencrypted(ctx: &mut StepContext<'_>) -> crate::Result<()> {
+    let dev = ctx.config.device.clone();
+    let meta = match probe::probe(&dev)?.content {
+        Content::Luks2(meta) => meta,
+        _ => bail!(
+            "{} lost its LUKS2 header after re-encryption",
+            dev.display()
+        ),
+    };
+    if marker::origin(&meta) == Some(VolumeKeyOrigin::Reencrypted) {
+        return Ok(());
+    }
+    let digest = meta
+        .segment_digest()
+        .ok_or_else(|| anyhow!("no volume key digest after re-encryption"))?;
+    let token = marker::token(VolumeKeyOrigin::Reencrypted, digest);
+    match marker::find(&meta) {
+        Some(id) => device::replace_token(&dev, id, &token),
+        None => device::add_token(&dev, &token).map(|_| ()),
+    }
+}
+
 /// Drives a re-encryption (either kind) to its end with progress in the log, on stderr and
 /// in the journal (at most every 5 %). Stops cleanly between hotzones when asked to.
 pub fn drive(
@@ -160,7 +184,7 @@ pub fn drive(
                 done as f64 / (1024.0 * 1024.0) / secs
             );
         }
-        if done < total {
+        if done > 0 && done < total {
             failpoint::hit(&format!("{step}:mid"));
         }
         !stop.load(Ordering::SeqCst)

@@ -1,0 +1,394 @@
+//! Helpers shared by the host-tier integration tests: real swtpm, real e2fsprogs, real
+//! cryptsetup/libcryptsetup on image files, the real `cryptfs` binary.
+#![allow(dead_code, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, RngCore, SeedableRng};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cryptfs");
+pub const CI_PASSPHRASE: &str = "fiopassphrase";
+
+/// A software TPM on a free loopback port, killed on drop.
+pub struct Swtpm {
+    child: Child,
+    pub port: u16,
+    pub state: PathBuf,
+}
+
+fn free_port_pair() -> u16 {
+    loop {
+        let a = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = a.local_addr().expect("addr").port();
+        if port < 65000 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl Swtpm {
+    pub fn start(dir: &Path) -> Swtpm {
+        let state = dir.join("tpm");
+        std::fs::create_dir_all(&state).expect("tpm dir");
+        Self::start_on(&state)
+    }
+
+    /// Starts (or restarts) a swtpm on an existing state directory (PCRs reset, seeds kept).
+    pub fn start_on(state: &Path) -> Swtpm {
+        for _ in 0..20 {
+            let port = free_port_pair();
+            let mut child = Command::new("swtpm")
+                .args(["socket", "--tpm2"])
+                .arg("--server")
+                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+                .arg("--ctrl")
+                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+                .arg("--tpmstate")
+                .arg(format!("dir={}", state.display()))
+                .args(["--flags", "not-need-init,startup-clear"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("swtpm must be installed (cargo xtask deps)");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Swtpm {
+                        child,
+                        port,
+                        state: state.to_path_buf(),
+                    };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("swtpm did not start");
+    }
+
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// Extends PCR 7 (a secure-boot state change).
+    pub fn extend_pcr7(&self) {
+        let out = Command::new("tpm2_pcrextend")
+            .env(
+                "TPM2TOOLS_TCTI",
+                format!("swtpm:host=127.0.0.1,port={}", self.port),
+            )
+            .arg(format!("7:sha256={}", "ab".repeat(32)))
+            .output()
+            .expect("tpm2-tools must be installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn stop(mut self) -> PathBuf {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.state.clone()
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn run(program: &str, args: &[&str]) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A directory of random files (sizes from 1 KiB to 3 MiB, one of 12 MiB); returns their hashes.
+pub fn sample_tree(dir: &Path, seed: u64) -> BTreeMap<String, String> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    std::fs::create_dir_all(dir.join("etc/app")).expect("mkdir");
+    std::fs::create_dir_all(dir.join("var/data")).expect("mkdir");
+    let mut files = vec![("var/data/big.bin".to_string(), 12 << 20)];
+    for i in 0..24 {
+        let size = rng.gen_range(1024..3 << 20);
+        let sub = if i % 3 == 0 { "etc/app" } else { "var/data" };
+        files.push((format!("{sub}/file{i:02}.bin"), size));
+    }
+    for (name, size) in files {
+        let mut bytes = vec![0u8; size];
+        rng.fill_bytes(&mut bytes);
+        std::fs::write(dir.join(&name), bytes).expect("write");
+    }
+    tree_hashes(dir)
+}
+
+pub fn file_blake3(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    blake3::hash(&bytes).to_hex().to_string()
+}
+
+/// blake3 of every regular file under `dir` (lost+found excluded), keyed by relative path.
+pub fn tree_hashes(dir: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        for entry in std::fs::read_dir(dir).expect("read_dir") {
+            let entry = entry.expect("entry");
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(root)
+                .expect("prefix")
+                .display()
+                .to_string();
+            if rel == "lost+found" {
+                continue;
+            }
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                out.insert(rel, file_blake3(&path));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// A plain ext4 image of `size_mib` holding `src`.
+pub fn make_ext4(img: &Path, size_mib: u64, src: &Path) {
+    let f = std::fs::File::create(img).expect("create image");
+    f.set_len(size_mib << 20).expect("size");
+    drop(f);
+    run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-L",
+            "otaroot",
+            "-d",
+            &src.display().to_string(),
+            &img.display().to_string(),
+        ],
+    );
+}
+
+/// A LUKS2 image made the way the reference's CI makes it: ext4 shrunk by 32 MiB, then
+/// `cryptsetup reencrypt --encrypt --key-slot 31 --reduce-device-size 32M` with the well-known
+/// passphrase, label otaroot. (A cheaper Argon2 cost keeps the tests fast.)
+pub fn make_ci_image(img: &Path, size_mib: u64, src: &Path, passphrase: &str) {
+    make_ext4(img, size_mib, src);
+    let path = img.display().to_string();
+    run("e2fsck", &["-p", "-f", &path]);
+    run("resize2fs", &[&path, &format!("{}M", size_mib - 32)]);
+    // resize2fs truncates a file; the device keeps its size.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .expect("open")
+        .set_len(size_mib << 20)
+        .expect("extend");
+    let mut child = Command::new("cryptsetup")
+        .args([
+            "reencrypt",
+            "--batch-mode",
+            "--encrypt",
+            "--type",
+            "luks2",
+            "--key-slot",
+            "31",
+            "--reduce-device-size",
+            "32M",
+            "--label",
+            "otaroot",
+            "--pbkdf-memory",
+            "65536",
+            "--iter-time",
+            "200",
+            &path,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cryptsetup");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(passphrase.as_bytes())
+        .expect("passphrase");
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test rig: temp dir, swtpm, device image, boot dir, config.
+pub struct Rig {
+    pub dir: tempfile::TempDir,
+    pub tpm: Swtpm,
+    pub device: PathBuf,
+    pub boot: PathBuf,
+    pub config: PathBuf,
+    pub files: BTreeMap<String, String>,
+}
+
+pub fn config_text(device: &Path, boot: &Path, tcti: &str, extra: &str) -> String {
+    format!(
+        "device = \"{}\"\nboot_dir = \"{}\"\n{extra}\n[kek]\nkind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"{tcti}\"\npcrs = [7]\npcr_bank = \"sha256\"\n\n[reencrypt]\nhotzone_size = 8388608\n",
+        device.display(),
+        boot.display()
+    )
+}
+
+pub enum Image {
+    Plain,
+    Ci,
+}
+
+impl Rig {
+    pub fn new(image: Image, size_mib: u64) -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tpm = Swtpm::start(dir.path());
+        let src = dir.path().join("src");
+        let files = sample_tree(&src, size_mib);
+        let device = dir.path().join("root.img");
+        match image {
+            Image::Plain => make_ext4(&device, size_mib, &src),
+            Image::Ci => make_ci_image(&device, size_mib, &src, CI_PASSPHRASE),
+        }
+        let boot = dir.path().join("boot");
+        std::fs::create_dir_all(&boot).expect("boot");
+        let config = dir.path().join("cryptfs.toml");
+        std::fs::write(&config, config_text(&device, &boot, &tpm.tcti(), "")).expect("config");
+        Rig {
+            dir,
+            tpm,
+            device,
+            boot,
+            config,
+            files,
+        }
+    }
+
+    pub fn cryptfs(&self, args: &[&str]) -> Output {
+        cryptfs_with(args, &self.config, &[])
+    }
+
+    pub fn run_stage(&self, stage: &str) -> Output {
+        let out = self.cryptfs(&["run", "--stage", stage]);
+        assert!(
+            out.status.success(),
+            "cryptfs run --stage {stage} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.cryptfs(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+
+    /// Decrypts the volume in userspace via the token and returns the files inside, after
+    /// checking that e2fsck finds the filesystem clean.
+    pub fn files_inside(&self) -> BTreeMap<String, String> {
+        let plain = self.dir.path().join("plain.img");
+        let out = self.cryptfs(&["export-plaintext", "--out", &plain.display().to_string()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let fsck = Command::new("e2fsck")
+            .args(["-n", "-f", &plain.display().to_string()])
+            .output()
+            .expect("e2fsck");
+        assert_eq!(
+            fsck.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        let out_dir = self.dir.path().join("extracted");
+        let _ = std::fs::remove_dir_all(&out_dir);
+        std::fs::create_dir_all(&out_dir).expect("mkdir");
+        run(
+            "debugfs",
+            &[
+                "-R",
+                &format!("rdump / {}", out_dir.display()),
+                &plain.display().to_string(),
+            ],
+        );
+        let files = tree_hashes(&out_dir);
+        std::fs::remove_file(&plain).expect("rm plain");
+        std::fs::remove_dir_all(&out_dir).expect("rm extracted");
+        files
+    }
+
+    pub fn config(&self) -> cryptfs::config::Config {
+        cryptfs::config::Config::load(&self.config).expect("config")
+    }
+}
+
+pub fn cryptfs_with(args: &[&str], config: &Path, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).arg("--config").arg(config);
+    cmd.env("CRYPTFS_LOG", "info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run cryptfs")
+}
+
+/// The volume key opened with `passphrase` (keyslot any).
+pub fn volume_key_with(device: &Path, passphrase: &str) -> Option<Vec<u8>> {
+    let p = cryptfs::secret::Passphrase::new(passphrase.as_bytes().to_vec());
+    cryptfs::luks::device::volume_key(device, None, &p)
+        .ok()
+        .map(|k| k.to_vec())
+}
+
+pub fn luks2(device: &Path) -> Box<cryptfs::luks::metadata::Luks2Metadata> {
+    match cryptfs::luks::metadata::read(device).expect("read header") {
+        cryptfs::luks::metadata::HeaderKind::Luks2(m) => m,
+        other => panic!("not LUKS2: {other:?}"),
+    }
+}
+
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut v);
+    v
+}
