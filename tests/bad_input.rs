@@ -74,13 +74,25 @@ fn luks1_volume() {
     let c = case(&tpm.tcti(), |dev, _| {
         std::fs::write(dev, vec![0u8; 96 << 20]).expect("write");
         let mut child = Command::new("cryptsetup")
-            .args(["luksFormat", "--batch-mode", "--type", "luks1", "--iter-time", "10"])
+            .args([
+                "luksFormat",
+                "--batch-mode",
+                "--type",
+                "luks1",
+                "--iter-time",
+                "10",
+            ])
             .arg(dev)
             .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("cryptsetup");
         use std::io::Write;
-        child.stdin.take().expect("stdin").write_all(b"pass").expect("write");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"pass")
+            .expect("write");
         assert!(child.wait().expect("wait").success());
     });
     refuses(&c, &["LUKS1", "cryptsetup convert --type luks2"]);
@@ -99,7 +111,9 @@ fn filesystem_too_full_to_shrink() {
 #[test]
 fn wrong_ci_passphrase() {
     let tpm = Swtpm::start(tempfile::tempdir().expect("t").path());
-    let c = case(&tpm.tcti(), |dev, src| make_ci_image(dev, 128, src, "not-the-default"));
+    let c = case(&tpm.tcti(), |dev, src| {
+        make_ci_image(dev, 128, src, "not-the-default")
+    });
     refuses(&c, &["wrong image passphrase", "built-in default"]);
 }
 
@@ -114,7 +128,9 @@ fn tpm_unreachable() {
     let tcti = format!("swtpm:host=127.0.0.1,port={port}");
     let plain = case(&tcti, |dev, src| make_ext4(dev, 128, src));
     refuses(&plain, &["TPM 2.0 unreachable"]);
-    let ci = case(&tcti, |dev, src| make_ci_image(dev, 128, src, common::CI_PASSPHRASE));
+    let ci = case(&tcti, |dev, src| {
+        make_ci_image(dev, 128, src, common::CI_PASSPHRASE)
+    });
     refuses(&ci, &["TPM 2.0 unreachable"]);
 }
 
@@ -134,11 +150,17 @@ fn userspace_stage_refuses_initramfs_work() {
 fn invalid_configuration_is_explained() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("bad.toml");
-    std::fs::write(&config, "device = \"/x\"\nboot_dir = \"/y\"\n[kek]\nkind = \"tpm3\"\n")
-        .expect("write");
+    std::fs::write(
+        &config,
+        "device = \"/x\"\nboot_dir = \"/y\"\n[kek]\nkind = \"tpm3\"\n",
+    )
+    .expect("write");
     let out = cryptfs_with(&["run"], &config, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("invalid configuration") && err.contains("tpm3"), "{err}");
+    assert!(
+        err.contains("invalid configuration") && err.contains("tpm3"),
+        "{err}"
+    );
     run("true", &[]);
 }

@@ -21,10 +21,18 @@ fn damage_and_recover(rig: &Rig, damage: impl FnOnce(&std::path::Path)) {
     let kept: Vec<_> = std::fs::read_dir(rig.boot.join("cryptfs"))
         .expect("dir")
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("journal.redb.damaged-"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("journal.redb.damaged-")
+        })
         .collect();
     assert_eq!(kept.len(), 1, "damaged journal kept aside");
-    assert_eq!(file_blake3(&rig.device), device_before, "nothing on the device changed");
+    assert_eq!(
+        file_blake3(&rig.device),
+        device_before,
+        "nothing on the device changed"
+    );
     let status = rig.status();
     assert_eq!(status["state"], "header-backed-up");
     assert_eq!(status["journal"]["chain_ok"], true);

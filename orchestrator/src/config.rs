@@ -149,7 +149,7 @@ impl Config {
             .with_context(|| format!("invalid configuration {}", path.display()))?;
         anyhow::ensure!(
             config.reencrypt.hotzone_size >= 1024 * 1024
-                && config.reencrypt.hotzone_size % 512 == 0,
+                && config.reencrypt.hotzone_size.is_multiple_of(512),
             "reencrypt.hotzone_size must be a multiple of 512 bytes and at least 1 MiB"
         );
         anyhow::ensure!(

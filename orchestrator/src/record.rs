@@ -238,7 +238,7 @@ pub fn reconcile(rec: &mut Recorder, state: ProvisioningState) -> crate::Result<
 }
 
 /// The records of `step` since its last intent, if that intent has no `done` after it.
-pub fn pending<'a>(journal: &'a Journal, step: Step) -> Option<&'a [Record]> {
+pub fn pending(journal: &Journal, step: Step) -> Option<&[Record]> {
     let records = journal.records();
     let start = records
         .iter()
@@ -271,7 +271,7 @@ pub fn reached(journal: &Journal, step: Step, name: &str) -> bool {
 }
 
 /// The latest `done` record of `step`.
-pub fn last_done<'a>(journal: &'a Journal, step: Step) -> Option<&'a Record> {
+pub fn last_done(journal: &Journal, step: Step) -> Option<&Record> {
     journal
         .records()
         .iter()

@@ -227,7 +227,7 @@ pub fn collect(config: &Config) -> crate::Result<Status> {
                     .map(|(done, total)| Progress {
                         done_bytes: done,
                         total_bytes: total,
-                        percent: if total > 0 { done * 100 / total } else { 0 },
+                        percent: (done * 100).checked_div(total).unwrap_or(0),
                     });
             }
             let result = runner::facts(
