@@ -408,19 +408,50 @@ pub fn render(s: &Status) -> String {
         j.records.len(),
         if j.chain_ok { "ok" } else { "BROKEN" }
     );
-    for r in &j.records {
+    for (i, r) in j.records.iter().enumerate() {
         let b = &r.body;
+        let progress = |r: &Record| r.body.phase == cryptfs_journal::Phase::Progress;
+        // A run of progress records shows as its last one.
+        if progress(r)
+            && j.records
+                .get(i + 1)
+                .is_some_and(|n| progress(n) && n.body.step == b.step)
+        {
+            continue;
+        }
+        let extra = match (b.state_before, b.state_after) {
+            (Some(f), Some(t)) => format!(" {f} -> {t}"),
+            _ if progress(r) => {
+                let done = b
+                    .details
+                    .get("done_bytes")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0);
+                let total = b
+                    .details
+                    .get("total_bytes")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0);
+                format!(
+                    " {}% of {} MiB",
+                    (done * 100).checked_div(total).unwrap_or(0),
+                    total >> 20
+                )
+            }
+            _ => b
+                .details
+                .get("substep")
+                .and_then(|v| v.as_str())
+                .map(|s| format!(" {s}"))
+                .unwrap_or_default(),
+        };
         let _ = writeln!(
             out,
-            "  #{:<3} {:<10} {:<17} {:<9}{}",
+            "  #{:<3} {:<10} {:<17} {:<9}{extra}",
             b.seq,
             b.stage,
             b.step,
             format!("{:?}", b.phase).to_lowercase(),
-            match (b.state_before, b.state_after) {
-                (Some(f), Some(t)) => format!(" {f} -> {t}"),
-                _ => String::new(),
-            }
         );
     }
     out
