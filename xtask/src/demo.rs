@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::sh;
 
-struct Swtpm(Child);
+pub(crate) struct Swtpm(Child);
 
 impl Drop for Swtpm {
     fn drop(&mut self) {
@@ -31,7 +31,7 @@ fn free_port() -> Result<u16> {
     bail!("no free port pair on loopback")
 }
 
-fn start_swtpm(state: &Path) -> Result<(Swtpm, u16)> {
+pub(crate) fn start_swtpm(state: &Path) -> Result<(Swtpm, u16)> {
     std::fs::create_dir_all(state)?;
     let port = free_port()?;
     let child = Command::new("swtpm")
@@ -53,7 +53,7 @@ fn start_swtpm(state: &Path) -> Result<(Swtpm, u16)> {
     bail!("swtpm did not come up")
 }
 
-fn sample_files(dir: &Path) -> Result<()> {
+pub(crate) fn sample_files(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir.join("etc"))?;
     std::fs::create_dir_all(dir.join("usr/share/demo"))?;
     std::fs::write(
@@ -133,7 +133,7 @@ fn prove_data(bin: &Path, config: &Path, work: &Path, src: &Path) -> Result<()> 
     Ok(())
 }
 
-fn config(path: &Path, device: &Path, boot: &Path, port: u16) -> Result<()> {
+pub(crate) fn config(path: &Path, device: &Path, boot: &Path, port: u16) -> Result<()> {
     std::fs::create_dir_all(boot)?;
     let text = format!(
         "device = \"{}\"\nboot_dir = \"{}\"\nlabel = \"otaroot\"\n\n[kek]\nkind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"swtpm:host=127.0.0.1,port={port}\"\npcrs = [7]\npcr_bank = \"sha256\"\n\n[reencrypt]\nhotzone_size = 8388608\n",

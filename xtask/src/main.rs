@@ -5,7 +5,9 @@
 //! | `deps` | installs the Debian packages the build and the tests need (apt-get, as root) |
 //! | `test` | deps, then fmt check, clippy `-D warnings`, and every test (all features) |
 //! | `demo` | deps, build, then the whole path on a 256 MiB image with a software TPM |
+//! | `bench` | deps, release build, cryptfs against the cryptsetup CLI on the same images |
 
+mod bench;
 mod demo;
 mod sh;
 
@@ -35,7 +37,11 @@ fn main() -> Result<()> {
             deps()?;
             demo::run()
         }
-        _ => bail!("usage: cargo xtask <deps|test|demo>"),
+        "bench" => {
+            deps()?;
+            bench::run()
+        }
+        _ => bail!("usage: cargo xtask <deps|test|demo|bench>"),
     }
 }
 
