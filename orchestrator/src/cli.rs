@@ -35,6 +35,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Unlock the volume with this device's KEK token without activating it; says which token
+    /// and keyslot opened.
+    Unlock {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Only test (no activation). Required: activation comes with the initramfs integration.
+        #[arg(long, required = true)]
+        test: bool,
+    },
     /// Unlock with the KEK token (no activation) and write the decrypted filesystem image to
     /// a file, for offline checks on machines without dm-crypt (demo, tests).
     #[command(hide = true)]

@@ -16,6 +16,14 @@
 //! pcrs = [7]
 //! pcr_bank = "sha256"
 //!
+//! # or, for a PKCS#11 token (the reference's OP-TEE setup):
+//! # [kek]
+//! # kind = "pkcs11"
+//! # [kek.pkcs11]
+//! # module = "/usr/lib/libckteec.so.0"
+//! # token_label = "lmp"     slot = 1     key_label = "luks"     key_id = "9d"
+//! # pin_file = "/etc/cryptfs/pkcs11-pin"     so_pin_file = "/etc/cryptfs/pkcs11-so-pin"
+//!
 //! [reencrypt]
 //! hotzone_size = 8388608       # bytes; bounds crash-recovery time
 //! policy = "when-from-image"   # or "always" / "never"
@@ -67,6 +75,8 @@ fn default_label() -> String {
 pub enum KekKind {
     /// TPM 2.0, `systemd-tpm2` token.
     Tpm2,
+    /// PKCS#11 token (OP-TEE, HSM, SoftHSM2), `systemd-pkcs11` token.
+    Pkcs11,
 }
 
 /// `[kek]`.
@@ -78,6 +88,47 @@ pub struct KekConfig {
     /// `[kek.tpm2]`.
     #[serde(default)]
     pub tpm2: Tpm2Config,
+    /// `[kek.pkcs11]` (required with `kind = "pkcs11"`).
+    #[serde(default)]
+    pub pkcs11: Option<Pkcs11Config>,
+}
+
+/// `[kek.pkcs11]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// Path of the PKCS#11 module (e.g. `/usr/lib/libckteec.so.0`).
+    pub module: PathBuf,
+    /// Label of the token that keeps the KEK.
+    #[serde(default = "default_token_label")]
+    pub token_label: String,
+    /// Slot id to initialise when no token carries the label (the reference uses slot 1).
+    #[serde(default = "default_slot")]
+    pub slot: u64,
+    /// File with the user PIN.
+    pub pin_file: PathBuf,
+    /// File with the security officer PIN (needed only to initialise the token).
+    #[serde(default)]
+    pub so_pin_file: Option<PathBuf>,
+    /// Label of the RSA key pair and its certificate.
+    #[serde(default = "default_key_label")]
+    pub key_label: String,
+    /// CKA_ID of the key pair and certificate, hex.
+    #[serde(default = "default_key_id")]
+    pub key_id: String,
+}
+
+fn default_token_label() -> String {
+    "lmp".to_string()
+}
+fn default_slot() -> u64 {
+    1
+}
+fn default_key_label() -> String {
+    "luks".to_string()
+}
+fn default_key_id() -> String {
+    "9d".to_string()
 }
 
 /// `[kek.tpm2]`.
@@ -156,6 +207,15 @@ impl Config {
             !config.label.is_empty() && config.label.len() < 48,
             "label must be 1 to 47 bytes"
         );
+        if config.kek.kind == KekKind::Pkcs11 {
+            let p = config.kek.pkcs11.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("kek.kind = \"pkcs11\" needs a [kek.pkcs11] section")
+            })?;
+            anyhow::ensure!(
+                hex::decode(&p.key_id).is_ok_and(|id| !id.is_empty()),
+                "kek.pkcs11.key_id must be hex, e.g. \"9d\""
+            );
+        }
         Ok(config)
     }
 

@@ -73,6 +73,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Unlock { config, test } => {
+            debug_assert!(test);
+            let config = Config::load(&config)?;
+            let unlocked = cryptfs::unlock::with_token(&config)?;
+            let kind = unlocked
+                .meta
+                .tokens
+                .get(&unlocked.token)
+                .map_or("?", |t| t.kind.as_str());
+            println!(
+                "cryptfs: token {} ({kind}) opened keyslot {} of {} (test only, nothing activated)",
+                unlocked.token,
+                unlocked.keyslot,
+                config.device.display()
+            );
+            Ok(())
+        }
         Command::ExportPlaintext { config, out } => {
             let config = Config::load(&config)?;
             let unlocked = cryptfs::unlock::with_token(&config)?;

@@ -366,10 +366,10 @@ pub fn render(s: &Status) -> String {
             t.id,
             t.kind,
             t.keyslots,
-            if t.usable {
-                ""
-            } else {
-                " (not usable by this device's protector)"
+            match t.role.as_str() {
+                "kek" => "",
+                "marker" => " (cryptfs key-origin record)",
+                _ => " (not usable by this device's protector; kept)",
             }
         );
     }

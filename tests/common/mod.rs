@@ -256,6 +256,8 @@ pub struct Rig {
     pub boot: PathBuf,
     pub config: PathBuf,
     pub files: BTreeMap<String, String>,
+    /// Extra environment for every cryptfs process of this rig (e.g. SOFTHSM2_CONF).
+    pub env: Vec<(&'static str, String)>,
 }
 
 pub fn config_text(device: &Path, boot: &Path, tcti: &str, extra: &str) -> String {
@@ -293,11 +295,18 @@ impl Rig {
             boot,
             config,
             files,
+            env: Vec::new(),
         }
     }
 
     pub fn cryptfs(&self, args: &[&str]) -> Output {
-        cryptfs_with(args, &self.config, &[])
+        self.cryptfs_env(args, &[])
+    }
+
+    pub fn cryptfs_env(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
+        let mut env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        env.extend_from_slice(extra);
+        cryptfs_with(args, &self.config, &env)
     }
 
     pub fn run_stage(&self, stage: &str) -> Output {
@@ -391,4 +400,93 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
     rand::thread_rng().fill_bytes(&mut v);
     v
+}
+
+/// A private SoftHSM2 (own config and token directory), for the PKCS#11 protector.
+pub struct SoftHsm {
+    pub conf: PathBuf,
+    pub pin: PathBuf,
+    pub so_pin: PathBuf,
+}
+
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub const USER_PIN: &str = "1234";
+
+/// In-process PKCS#11 use reads SOFTHSM2_CONF from the environment: one at a time.
+pub static SOFTHSM_ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl SoftHsm {
+    pub fn new(dir: &Path) -> SoftHsm {
+        let tokens = dir.join("softhsm-tokens");
+        std::fs::create_dir_all(&tokens).expect("tokens");
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}/\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .expect("conf");
+        let pin = dir.join("pin");
+        let so_pin = dir.join("so-pin");
+        std::fs::write(&pin, USER_PIN).expect("pin");
+        std::fs::write(&so_pin, "5678").expect("so pin");
+        SoftHsm { conf, pin, so_pin }
+    }
+
+    pub fn env(&self) -> (&'static str, String) {
+        ("SOFTHSM2_CONF", self.conf.display().to_string())
+    }
+
+    /// `[kek]` for this SoftHSM; slot 0 is the uninitialised slot of a fresh token directory.
+    pub fn kek_section(&self, slot: u64) -> String {
+        format!(
+            "[kek]\nkind = \"pkcs11\"\n\n[kek.pkcs11]\nmodule = \"{SOFTHSM_MODULE}\"\ntoken_label = \"lmp\"\nslot = {slot}\npin_file = \"{}\"\nso_pin_file = \"{}\"\nkey_label = \"luks\"\nkey_id = \"9d\"\n",
+            self.pin.display(),
+            self.so_pin.display()
+        )
+    }
+
+    /// Runs `f` with SOFTHSM2_CONF pointing at this SoftHSM, serialised across threads.
+    pub fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _guard = SOFTHSM_ENV.lock().unwrap_or_else(|e| e.into_inner());
+        std::env::set_var("SOFTHSM2_CONF", &self.conf);
+        let out = f();
+        std::env::remove_var("SOFTHSM2_CONF");
+        out
+    }
+
+    /// Lists the objects on token `lmp` (pkcs11-tool, a real peer).
+    pub fn objects(&self) -> String {
+        let out = Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", &self.conf)
+            .args([
+                "--module",
+                SOFTHSM_MODULE,
+                "--token-label",
+                "lmp",
+                "--login",
+                "--pin",
+                USER_PIN,
+                "--list-objects",
+            ])
+            .output()
+            .expect("pkcs11-tool (package opensc)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Rig {
+    /// Switches the rig to a PKCS#11 KEK on `hsm`.
+    pub fn use_pkcs11(&mut self, hsm: &SoftHsm, slot: u64) {
+        let text = format!(
+            "device = \"{}\"\nboot_dir = \"{}\"\n\n{}\n[reencrypt]\nhotzone_size = 8388608\n",
+            self.device.display(),
+            self.boot.display(),
+            hsm.kek_section(slot)
+        );
+        std::fs::write(&self.config, text).expect("config");
+        self.env = vec![hsm.env()];
+    }
 }

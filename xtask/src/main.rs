@@ -14,7 +14,9 @@ mod sh;
 use anyhow::{bail, Result};
 
 /// Debian 12 packages: build (libcryptsetup, tss2, bindgen's clang), tests and demo
-/// (e2fsprogs, cryptsetup CLI for CI-style images, swtpm, tpm2-tools).
+/// (e2fsprogs, cryptsetup CLI for CI-style images, swtpm, tpm2-tools), the PKCS#11 rig
+/// (SoftHSM2, pkcs11-tool, p11-kit) and the peers of the compatibility tests (systemd 252:
+/// systemd-cryptenroll and its libcryptsetup token plugins).
 pub const PACKAGES: &[&str] = &[
     "pkg-config",
     "clang",
@@ -26,6 +28,10 @@ pub const PACKAGES: &[&str] = &[
     "swtpm",
     "swtpm-tools",
     "tpm2-tools",
+    "softhsm2",
+    "opensc",
+    "p11-kit",
+    "systemd",
 ];
 
 fn main() -> Result<()> {

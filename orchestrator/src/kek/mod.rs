@@ -4,6 +4,8 @@
 //! and turns a token back into the secret. Each kind writes the token format of its systemd
 //! counterpart, so that stock `systemd-cryptsetup` unlocks what cryptfs enrolls.
 
+pub mod der;
+pub mod pkcs11;
 pub mod tpm2;
 
 use serde_json::{Map, Value};
@@ -37,7 +39,7 @@ impl SealedKek {
     }
 }
 
-/// A place that keeps the KEK secret: TPM 2.0 today, PKCS#11 next.
+/// A place that keeps the KEK secret: a TPM 2.0 or a PKCS#11 token.
 pub trait KekProtector {
     /// The LUKS2 token type this protector writes and reads (`systemd-tpm2`).
     fn token_type(&self) -> &'static str;
@@ -60,5 +62,11 @@ pub trait KekProtector {
 pub fn from_config(config: &crate::config::Config) -> crate::Result<Box<dyn KekProtector>> {
     match config.kek.kind {
         crate::config::KekKind::Tpm2 => Ok(Box::new(tpm2::Tpm2Protector::new(&config.kek.tpm2)?)),
+        crate::config::KekKind::Pkcs11 => {
+            let p11 = config.kek.pkcs11.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("kek.kind = \"pkcs11\" needs a [kek.pkcs11] section")
+            })?;
+            Ok(Box::new(pkcs11::Pkcs11Protector::new(p11)?))
+        }
     }
 }
