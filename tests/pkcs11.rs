@@ -17,6 +17,18 @@ fn plain_image_with_a_pkcs11_kek_reaches_header_backed_up() {
     let (rig, hsm) = pkcs11_rig(Image::Plain);
     let out = rig.run_stage("all");
     assert!(String::from_utf8_lossy(&out.stdout).contains("header-backed-up"));
+    // The 128-byte secret the token decrypts, and its base64 keyslot passphrase, are nowhere.
+    let config = rig.config();
+    let secret = hsm.with(|| {
+        let mut protector = cryptfs::kek::from_config(&config).expect("protector");
+        let meta = common::luks2(&rig.device);
+        let (_, _, sealed) = cryptfs::steps::usable_token(protector.as_ref(), &meta).expect("token");
+        let secret = protector.unseal(&sealed).expect("unseal");
+        (secret.expose().to_vec(), secret.keyslot_passphrase().expose().to_vec())
+    });
+    assert_eq!(secret.0.len(), 128);
+    assert_eq!(secret.1.len(), 172);
+    common::assert_nothing_written_contains(&rig, &[&secret.0, &secret.1], &[out.clone()]);
     let s = rig.status();
     assert_eq!(s["state"], "header-backed-up");
     assert_eq!(s["device"]["tokens"][0]["type"], "systemd-pkcs11");

@@ -490,3 +490,41 @@ impl Rig {
         self.env = vec![hsm.env()];
     }
 }
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read_dir") {
+        let p = e.expect("entry").path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Scans the device, every file on the boot partition (journal, luks.bin, kept journals) and
+/// the given process outputs for each needle.
+pub fn assert_nothing_written_contains(rig: &Rig, needles: &[&[u8]], outputs: &[Output]) {
+    let mut files = vec![rig.device.clone()];
+    files.extend(walk_files(&rig.boot));
+    assert!(files.iter().any(|p| p.ends_with("journal.redb")));
+    for path in &files {
+        let bytes = std::fs::read(path).expect("read");
+        for needle in needles {
+            assert!(
+                memchr::memmem::find(&bytes, needle).is_none(),
+                "a secret was found in {}",
+                path.display()
+            );
+        }
+    }
+    for out in outputs {
+        for stream in [&out.stdout, &out.stderr] {
+            for needle in needles {
+                assert!(memchr::memmem::find(stream, needle).is_none(), "a secret in the output");
+            }
+        }
+    }
+}
