@@ -22,9 +22,13 @@ fn plain_image_with_a_pkcs11_kek_reaches_header_backed_up() {
     let secret = hsm.with(|| {
         let mut protector = cryptfs::kek::from_config(&config).expect("protector");
         let meta = common::luks2(&rig.device);
-        let (_, _, sealed) = cryptfs::steps::usable_token(protector.as_ref(), &meta).expect("token");
+        let (_, _, sealed) =
+            cryptfs::steps::usable_token(protector.as_ref(), &meta).expect("token");
         let secret = protector.unseal(&sealed).expect("unseal");
-        (secret.expose().to_vec(), secret.keyslot_passphrase().expose().to_vec())
+        (
+            secret.expose().to_vec(),
+            secret.keyslot_passphrase().expose().to_vec(),
+        )
     });
     assert_eq!(secret.0.len(), 128);
     assert_eq!(secret.1.len(), 172);

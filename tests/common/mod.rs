@@ -523,7 +523,10 @@ pub fn assert_nothing_written_contains(rig: &Rig, needles: &[&[u8]], outputs: &[
     for out in outputs {
         for stream in [&out.stdout, &out.stderr] {
             for needle in needles {
-                assert!(memchr::memmem::find(stream, needle).is_none(), "a secret in the output");
+                assert!(
+                    memchr::memmem::find(stream, needle).is_none(),
+                    "a secret in the output"
+                );
             }
         }
     }
