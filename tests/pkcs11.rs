@@ -32,7 +32,11 @@ fn plain_image_with_a_pkcs11_kek_reaches_header_backed_up() {
     });
     assert_eq!(secret.0.len(), 128);
     assert_eq!(secret.1.len(), 172);
-    common::assert_nothing_written_contains(&rig, &[&secret.0, &secret.1], &[out.clone()]);
+    common::assert_nothing_written_contains(
+        &rig,
+        &[&secret.0, &secret.1],
+        std::slice::from_ref(&out),
+    );
     let s = rig.status();
     assert_eq!(s["state"], "header-backed-up");
     assert_eq!(s["device"]["tokens"][0]["type"], "systemd-pkcs11");
