@@ -1,6 +1,7 @@
 //! LUKS2: reading the on-disk metadata ourselves, and changing it through libcryptsetup.
 
 pub mod device;
+pub mod finalize;
 pub mod marker;
 pub mod metadata;
 pub mod reencrypt;

@@ -220,17 +220,15 @@ extern "C" fn progress_trampoline(size: u64, offset: u64, usrptr: *mut c_void) -
     }
 }
 
-/// Runs an initialised or interrupted re-encryption of `device` to its end (or until
-/// `progress` says stop). Performs crash recovery of the hotzone first when the header says
-/// the last run was interrupted.
-pub fn run(
+/// Performs libcryptsetup's crash recovery of the hotzone when the header says the last run was
+/// interrupted; returns whether it did.
+pub fn recover_if_crashed(
     device: &Path,
     kind: Kind,
     active_name: Option<&str>,
     passphrase: &Passphrase,
     hotzone_bytes: u64,
-    progress: &mut ProgressFn<'_>,
-) -> crate::Result<()> {
+) -> crate::Result<bool> {
     let mut cd = open(device)?;
     let info = cd
         .reencrypt_handle()
@@ -241,6 +239,7 @@ pub fn run(
             "the re-encryption metadata of {} is invalid",
             device.display()
         ),
+        CryptReencryptInfo::Clean => Ok(false),
         CryptReencryptInfo::Crash => {
             tracing::info!("re-encryption was interrupted; recovering the hotzone first");
             cd.reencrypt_handle()
@@ -253,10 +252,23 @@ pub fn run(
                     params(kind, CryptReencrypt::RECOVERY, hotzone_bytes),
                 )
                 .context("re-encryption crash recovery failed")?;
-            cd = open(device)?;
+            Ok(true)
         }
-        CryptReencryptInfo::Clean => {}
     }
+}
+
+/// Resumes an initialised, clean re-encryption of `device` and runs it to its end (or until
+/// `progress` says stop). Callers must first rule out the all-data-on-final-key state
+/// (`finalize::all_data_on_final_key`), in which libcryptsetup would restart from offset 0.
+pub fn resume(
+    device: &Path,
+    kind: Kind,
+    active_name: Option<&str>,
+    passphrase: &Passphrase,
+    hotzone_bytes: u64,
+    progress: &mut ProgressFn<'_>,
+) -> crate::Result<()> {
+    let mut cd = open(device)?;
     cd.reencrypt_handle()
         .reencrypt_init_by_passphrase(
             active_name,

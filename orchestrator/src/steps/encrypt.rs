@@ -218,8 +218,18 @@ fn finish(ctx: &mut StepContext<'_>) -> crate::Result<()> {
             Journal::details([("resumed_from", Value::from("device"))]),
         )?;
     }
-    let (keyslot, passphrase) = super::unlock_with_token(ctx, &meta)?;
-    super::reencrypt::drive(ctx, reencrypt::Kind::Encrypt, None, &passphrase)?;
+    if !super::reencrypt::finalize_if_all_data_final(ctx, STEP)? {
+        let (_, passphrase) = super::unlock_with_token(ctx, &meta)?;
+        super::reencrypt::drive(ctx, reencrypt::Kind::Encrypt, None, &passphrase)?;
+    }
+    let meta = match crate::probe::probe(&dev)?.content {
+        Content::Luks2(meta) => meta,
+        _ => bail!(
+            "{} lost its LUKS2 header during in-place encryption",
+            dev.display()
+        ),
+    };
+    let (keyslot, _) = super::unlock_with_token(ctx, &meta)?;
     let temp_header = ctx.config.temp_header_path();
     if temp_header.exists() {
         std::fs::remove_file(&temp_header)

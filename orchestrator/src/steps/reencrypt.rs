@@ -12,7 +12,7 @@ use super::StepContext;
 use crate::failpoint;
 use crate::kek::SealedKek;
 use crate::luks::metadata::Luks2Metadata;
-use crate::luks::{device, marker, reencrypt as luks_reencrypt};
+use crate::luks::{device, finalize, marker, reencrypt as luks_reencrypt};
 use crate::probe::{self, Content};
 use crate::record::{self, keys};
 use crate::secret::Passphrase;
@@ -62,7 +62,6 @@ pub fn run(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()>
             );
         }
     }
-    let (_, passphrase) = super::unlock_with_token(ctx, meta)?;
     if record::pending(ctx.rec.journal(), Step::Reencrypt).is_none() {
         ctx.rec.intent(
             Step::Reencrypt,
@@ -72,12 +71,25 @@ pub fn run(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()>
     } else {
         tracing::info!("resuming an interrupted re-encryption");
     }
-    drive(
-        ctx,
-        luks_reencrypt::Kind::Reencrypt,
-        active.as_deref(),
-        &passphrase,
-    )?;
+    // Before any unlock: in the "stuck" window the old keyslot is already wiped, so nothing
+    // would open, yet every byte is under the new key.
+    if !finalize_if_all_data_final(ctx, Step::Reencrypt)? {
+        let (_, passphrase) = super::unlock_with_token(ctx, meta)?;
+        drive(
+            ctx,
+            luks_reencrypt::Kind::Reencrypt,
+            active.as_deref(),
+            &passphrase,
+        )?;
+    }
+    let current = match probe::probe(&dev)?.content {
+        Content::Luks2(meta) => meta,
+        _ => bail!(
+            "{} lost its LUKS2 header after re-encryption",
+            dev.display()
+        ),
+    };
+    let (_, passphrase) = super::unlock_with_token(ctx, &current)?;
     reassign_token(ctx, &passphrase)?;
     mark_reencrypted(ctx)?;
     ctx.rec.done(
@@ -122,6 +134,38 @@ fn reassign_token(ctx: &mut StepContext<'_>, passphrase: &Passphrase) -> crate::
     Ok(())
 }
 
+/// If every byte is already under the final key while the header still says "re-encrypting"
+/// (crash windows A and B), finishes the metadata instead of resuming. Returns whether it did.
+pub fn finalize_if_all_data_final(ctx: &mut StepContext<'_>, step: Step) -> crate::Result<bool> {
+    let dev = ctx.config.device.clone();
+    let meta = match probe::probe(&dev)?.content {
+        Content::Luks2(meta) => meta,
+        _ => return Ok(false),
+    };
+    if !finalize::all_data_on_final_key(&meta) {
+        return Ok(false);
+    }
+    match record::last_progress(ctx.rec.journal(), step) {
+        Some((done, total)) if done + 2 * ctx.config.reencrypt.hotzone_size < total => {
+            tracing::warn!(
+                done,
+                total,
+                "journal progress lags the metadata; the metadata's segments decide"
+            );
+        }
+        _ => {}
+    }
+    tracing::warn!(
+        %step,
+        "all data is under the final key but the metadata was never finalised (crash window): \
+         finishing the metadata instead of resuming"
+    );
+    ctx.rec.substep(step, "finalize-metadata")?;
+    finalize::finalize(&dev)?;
+    ctx.rec.substep(step, "metadata-finalized")?;
+    Ok(true)
+}
+
 /// Records in the metadata that the volume key is now device-made (idempotent).
 fn mark_reencrypted(ctx: &mut StepContext<'_>) -> crate::Result<()> {
     let dev = ctx.config.device.clone();
@@ -159,6 +203,21 @@ pub fn drive(
     };
     let dev = ctx.config.device.clone();
     let hotzone = ctx.config.reencrypt.hotzone_size;
+    if luks_reencrypt::recover_if_crashed(&dev, kind, active, passphrase, hotzone)? {
+        // Recovery of the last hotzone can finish the whole job, or leave all data under the
+        // final key with the metadata unfinished: in neither case may a resume follow.
+        let finished = match probe::probe(&dev)?.content {
+            Content::Luks2(meta) => meta.reencrypt_mode().is_none(),
+            _ => bail!("{} lost its LUKS2 header in crash recovery", dev.display()),
+        };
+        if finished {
+            tracing::info!(%step, "crash recovery completed the re-encryption");
+            return Ok(());
+        }
+    }
+    if finalize_if_all_data_final(ctx, step)? {
+        return Ok(());
+    }
     let stop = ctx.stop.clone();
     let rec = &mut *ctx.rec;
     let mut journal_error = None;
@@ -189,7 +248,7 @@ pub fn drive(
         }
         !stop.load(Ordering::SeqCst)
     };
-    luks_reencrypt::run(&dev, kind, active, passphrase, hotzone, &mut report)?;
+    luks_reencrypt::resume(&dev, kind, active, passphrase, hotzone, &mut report)?;
     if let Some(e) = journal_error {
         return Err(e.context("could not journal progress; stopped between hotzones"));
     }
