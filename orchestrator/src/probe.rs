@@ -65,6 +65,15 @@ pub fn probe(device: &Path) -> crate::Result<Probe> {
     })
 }
 
+/// The LUKS2 metadata of `device`, which a step expects to be there (`what` says when, for the
+/// error: "after re-encryption", …).
+pub fn luks2(device: &Path, what: &str) -> crate::Result<Box<Luks2Metadata>> {
+    match probe(device)?.content {
+        Content::Luks2(meta) => Ok(meta),
+        _ => bail!("{} has no valid LUKS2 header {what}", device.display()),
+    }
+}
+
 /// Whether the dm-crypt mapping `name` is active.
 pub fn mapping_active(name: Option<&str>) -> bool {
     name.is_some_and(|n| Path::new("/dev/mapper").join(n).exists())

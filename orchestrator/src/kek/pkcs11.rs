@@ -238,22 +238,30 @@ impl Pkcs11Protector {
         };
         let session = self.context()?.open_rw_session(slot)?;
         self.login(&session, &label)?;
-        let key_label = self.config.key_label.clone();
-        let id = self.key_id.clone();
-        let private = Self::find(
-            &session,
-            &self.object_template(ObjectClass::PRIVATE_KEY, &key_label, Some(&id)),
-        )?;
-        let cert = Self::find(
-            &session,
-            &self.object_template(ObjectClass::CERTIFICATE, &key_label, Some(&id)),
-        )?;
-        match (private, cert) {
-            (Some(_), Some(_)) => {}
-            (Some(_), None) | (None, Some(_)) => bail!("PKCS#11 certificate not found"),
-            (None, None) => self.generate(&session, &key_label, &id)?,
+        if !self.key_pair_present(&session)? {
+            let (label, id) = (self.config.key_label.clone(), self.key_id.clone());
+            self.generate(&session, &label, &id)?;
         }
         Ok(slot)
+    }
+
+    /// Whether the configured key pair and its certificate are on the token. One without the
+    /// other is the reference's fatal "PKCS#11 certificate not found": nothing is guessed.
+    fn key_pair_present(&self, session: &Session) -> crate::Result<bool> {
+        let (label, id) = (&self.config.key_label, &self.key_id);
+        let private = Self::find(
+            session,
+            &self.object_template(ObjectClass::PRIVATE_KEY, label, Some(id)),
+        )?;
+        let cert = Self::find(
+            session,
+            &self.object_template(ObjectClass::CERTIFICATE, label, Some(id)),
+        )?;
+        match (private, cert) {
+            (Some(_), Some(_)) => Ok(true),
+            (None, None) => Ok(false),
+            _ => bail!("PKCS#11 certificate not found"),
+        }
     }
 
     fn generate(&self, session: &Session, label: &str, id: &[u8]) -> crate::Result<()> {
@@ -357,20 +365,7 @@ impl KekProtector for Pkcs11Protector {
                 }
                 let session = self.context()?.open_ro_session(slot)?;
                 self.login(&session, &label)?;
-                let key_label = self.config.key_label.clone();
-                let id = self.key_id.clone();
-                let private = Self::find(
-                    &session,
-                    &self.object_template(ObjectClass::PRIVATE_KEY, &key_label, Some(&id)),
-                )?;
-                let cert = Self::find(
-                    &session,
-                    &self.object_template(ObjectClass::CERTIFICATE, &key_label, Some(&id)),
-                )?;
-                if private.is_some() != cert.is_some() {
-                    bail!("PKCS#11 certificate not found");
-                }
-                Ok(())
+                self.key_pair_present(&session).map(|_| ())
             }
             None => {
                 if self.slot_to_initialise()?.is_none() {

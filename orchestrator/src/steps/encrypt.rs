@@ -203,13 +203,7 @@ fn place_header_and_finish(ctx: &mut StepContext<'_>) -> crate::Result<()> {
 
 fn finish(ctx: &mut StepContext<'_>) -> crate::Result<()> {
     let dev = ctx.config.device.clone();
-    let meta = match crate::probe::probe(&dev)?.content {
-        Content::Luks2(meta) => meta,
-        _ => bail!(
-            "{} lost its LUKS2 header during in-place encryption",
-            dev.display()
-        ),
-    };
+    let meta = crate::probe::luks2(&dev, "during in-place encryption")?;
     if record::pending(ctx.rec.journal(), STEP).is_none() {
         // Resumed from the device alone (journal lost): record the intent now.
         ctx.rec.intent(
@@ -222,13 +216,7 @@ fn finish(ctx: &mut StepContext<'_>) -> crate::Result<()> {
         let (_, passphrase) = super::unlock_with_token(ctx, &meta)?;
         super::reencrypt::drive(ctx, reencrypt::Kind::Encrypt, None, &passphrase)?;
     }
-    let meta = match crate::probe::probe(&dev)?.content {
-        Content::Luks2(meta) => meta,
-        _ => bail!(
-            "{} lost its LUKS2 header during in-place encryption",
-            dev.display()
-        ),
-    };
+    let meta = crate::probe::luks2(&dev, "during in-place encryption")?;
     let (keyslot, _) = super::unlock_with_token(ctx, &meta)?;
     let temp_header = ctx.config.temp_header_path();
     if temp_header.exists() {

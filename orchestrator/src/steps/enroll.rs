@@ -59,18 +59,12 @@ pub fn run(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()>
         _ => device::add_keyslot(&dev, &image_passphrase, &passphrase)?,
     };
     failpoint::hit("enroll-kek:after-keyslot");
-    let current = match crate::probe::probe(&dev)?.content {
-        crate::probe::Content::Luks2(meta) => meta,
-        _ => return Err(anyhow!("{} lost its LUKS2 header", dev.display())),
-    };
+    let current = crate::probe::luks2(&dev, "after enrollment")?;
     if current.tokens_of(keyslot).next().is_none() {
         device::add_token(&dev, &sealed.token(ctx.kek.token_type(), keyslot))?;
     }
     // Prove the token path end to end before anything is wiped.
-    let current = match crate::probe::probe(&dev)?.content {
-        crate::probe::Content::Luks2(meta) => meta,
-        _ => return Err(anyhow!("{} lost its LUKS2 header", dev.display())),
-    };
+    let current = crate::probe::luks2(&dev, "after enrollment")?;
     let (opened, _) = super::unlock_with_token(ctx, &current)
         .context("the enrolled KEK token does not unlock the volume")?;
     ctx.rec.done(

@@ -82,13 +82,7 @@ pub fn run(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()>
             &passphrase,
         )?;
     }
-    let current = match probe::probe(&dev)?.content {
-        Content::Luks2(meta) => meta,
-        _ => bail!(
-            "{} lost its LUKS2 header after re-encryption",
-            dev.display()
-        ),
-    };
+    let current = crate::probe::luks2(&dev, "after re-encryption")?;
     let (_, passphrase) = super::unlock_with_token(ctx, &current)?;
     reassign_token(ctx, &passphrase)?;
     mark_reencrypted(ctx)?;
@@ -107,13 +101,7 @@ pub fn run(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()>
 /// sure the KEK token names a keyslot that exists.
 fn reassign_token(ctx: &mut StepContext<'_>, passphrase: &Passphrase) -> crate::Result<()> {
     let dev = ctx.config.device.clone();
-    let meta = match probe::probe(&dev)?.content {
-        Content::Luks2(meta) => meta,
-        _ => bail!(
-            "{} lost its LUKS2 header after re-encryption",
-            dev.display()
-        ),
-    };
+    let meta = crate::probe::luks2(&dev, "after re-encryption")?;
     if super::usable_token(ctx.kek, &meta).is_some() {
         return Ok(());
     }
@@ -169,13 +157,7 @@ pub fn finalize_if_all_data_final(ctx: &mut StepContext<'_>, step: Step) -> crat
 /// Records in the metadata that the volume key is now device-made (idempotent).
 fn mark_reencrypted(ctx: &mut StepContext<'_>) -> crate::Result<()> {
     let dev = ctx.config.device.clone();
-    let meta = match probe::probe(&dev)?.content {
-        Content::Luks2(meta) => meta,
-        _ => bail!(
-            "{} lost its LUKS2 header after re-encryption",
-            dev.display()
-        ),
-    };
+    let meta = crate::probe::luks2(&dev, "after re-encryption")?;
     if marker::origin(&meta) == Some(VolumeKeyOrigin::Reencrypted) {
         return Ok(());
     }
@@ -206,10 +188,9 @@ pub fn drive(
     if luks_reencrypt::recover_if_crashed(&dev, kind, active, passphrase, hotzone)? {
         // Recovery of the last hotzone can finish the whole job, or leave all data under the
         // final key with the metadata unfinished: in neither case may a resume follow.
-        let finished = match probe::probe(&dev)?.content {
-            Content::Luks2(meta) => meta.reencrypt_mode().is_none(),
-            _ => bail!("{} lost its LUKS2 header in crash recovery", dev.display()),
-        };
+        let finished = crate::probe::luks2(&dev, "after crash recovery")?
+            .reencrypt_mode()
+            .is_none();
         if finished {
             tracing::info!(%step, "crash recovery completed the re-encryption");
             return Ok(());
@@ -252,13 +233,7 @@ pub fn drive(
     if let Some(e) = journal_error {
         return Err(e.context("could not journal progress; stopped between hotzones"));
     }
-    let meta = match probe::probe(&dev)?.content {
-        Content::Luks2(meta) => meta,
-        _ => bail!(
-            "{} lost its LUKS2 header during re-encryption",
-            dev.display()
-        ),
-    };
+    let meta = crate::probe::luks2(&dev, "during re-encryption")?;
     if meta.reencrypt_mode().is_some() {
         if ctx.stop.load(Ordering::SeqCst) {
             bail!("{step} stopped on request; it resumes at the next start");
