@@ -206,3 +206,47 @@ fn crash_after_the_encrypted_key_is_journaled_resumes_with_the_same_secret() {
     assert_eq!(rig.files_inside(), rig.files);
     let _ = hsm;
 }
+
+/// SoftHSM2 never locks a PIN by itself; its token file persists the token flags, so the test
+/// sets CKF_USER_PIN_LOCKED there and the real module then reports the locked state through
+/// C_GetTokenInfo, as a token that locked its PIN does.
+fn lock_user_pin(hsm: &SoftHsm) {
+    const LOCKED: u64 = 0x0004_0000;
+    // SoftHSM2's object file: attribute id (u64), value kind (u64), value (u64), big-endian;
+    // CKA_OS_TOKENFLAGS is the vendor attribute 0x8000534B.
+    const TOKEN_FLAGS_ATTRIBUTE: [u8; 8] = 0x8000_534B_u64.to_be_bytes();
+    let tokens = hsm.conf.parent().expect("dir").join("softhsm-tokens");
+    let token_dir = std::fs::read_dir(&tokens)
+        .expect("tokens")
+        .filter_map(|e| e.ok())
+        .find(|e| e.path().join("token.object").exists())
+        .expect("token dir")
+        .path();
+    let path = token_dir.join("token.object");
+    let mut bytes = std::fs::read(&path).expect("token.object");
+    let at = bytes
+        .windows(8)
+        .position(|w| w == TOKEN_FLAGS_ATTRIBUTE)
+        .expect("token flags attribute in token.object")
+        + 16;
+    let v = u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes")) | LOCKED;
+    bytes[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    std::fs::write(&path, bytes).expect("write");
+    let listing = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .args(["--module", common::SOFTHSM_MODULE, "--list-token-slots"])
+        .output()
+        .expect("pkcs11-tool");
+    assert!(
+        String::from_utf8_lossy(&listing.stdout).contains("user PIN locked"),
+        "the module reports the lock"
+    );
+}
+
+#[test]
+fn locked_pin() {
+    let (rig, hsm) = pkcs11_rig(Image::Ci);
+    provision(&rig, &hsm);
+    lock_user_pin(&hsm);
+    refuses(&rig, "PIN of PKCS#11 token \"lmp\" is locked");
+}
