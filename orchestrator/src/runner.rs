@@ -98,15 +98,14 @@ pub fn facts(
 /// Repairs what must be repaired before the state can even be derived: an interrupted
 /// placement of the in-place encryption header, or a damaged header with a verified backup.
 fn repair_before_probe(ctx: &mut StepContext<'_>, probe: &Probe) -> crate::Result<bool> {
-    let encrypting =
-        matches!(&probe.content, Content::Luks2(m) if m.reencrypt_mode() == Some("encrypt"));
-    if !encrypting
-        && !record::reached(
-            ctx.rec.journal(),
-            cryptfs_states::Step::EncryptInPlace,
-            "header-placed",
-        )
-        && encrypt::header_placement_interrupted(ctx)
+    // Until `header-placed` is journaled the prepared header is authoritative: no data hotzone
+    // has run, and lost writes may have left the head half-written even where it reads as
+    // LUKS2 (a keyslot area short of its last writes). Placing it again is idempotent.
+    if !record::reached(
+        ctx.rec.journal(),
+        cryptfs_states::Step::EncryptInPlace,
+        "header-placed",
+    ) && encrypt::header_placement_interrupted(ctx)
     {
         encrypt::redo_header_placement(ctx)?;
         return Ok(true);

@@ -33,6 +33,7 @@ pub const PACKAGES: &[&str] = &[
     "p11-kit",
     "systemd",
     "strace",
+    "fuse3",
 ];
 
 fn main() -> Result<()> {

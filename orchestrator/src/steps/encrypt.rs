@@ -109,6 +109,16 @@ fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::R
     if fs.size_bytes() > size_bytes {
         bail!("the filesystem on {dev_str} is larger than the device: refusing to touch it");
     }
+    if record::pending(ctx.rec.journal(), STEP).is_some() {
+        // Our own shrink was interrupted, possibly losing unflushed writes: resize2fs is not
+        // crash-safe under lost writes and can leave inconsistencies preen mode will not touch.
+        // They are ours to repair (nothing else wrote here since the intent), so every repair
+        // e2fsck offers is accepted; the checks below then run on the repaired filesystem.
+        tracing::warn!(
+            "resuming an interrupted shrink: repairing the filesystem first (e2fsck -y)"
+        );
+        cmd::run("e2fsck", &["-y", "-f", &dev_str], &[0, 1])?;
+    }
     let check = cmd::run_any("e2fsck", &["-n", "-f", &dev_str])?;
     if check.code != Some(0) {
         bail!(
