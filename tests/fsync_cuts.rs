@@ -16,20 +16,6 @@ use common::{Image, Rig, BIN};
 const SIZE_MIB: u64 = 96;
 const PASSPHRASE: &str = "anchor-passphrase";
 
-fn copy_tree(from: &Path, to: &Path) {
-    let _ = std::fs::remove_dir_all(to);
-    std::fs::create_dir_all(to).expect("mkdir");
-    for e in std::fs::read_dir(from).expect("read_dir") {
-        let p = e.expect("entry").path();
-        let target = to.join(p.file_name().expect("name"));
-        if p.is_dir() {
-            copy_tree(&p, &target);
-        } else {
-            std::fs::copy(&p, &target).expect("copy");
-        }
-    }
-}
-
 /// Runs `cmd` under strace, killed at the `n`-th `syscall` (n = 0: only count them).
 fn under_strace(
     cmd: &[String],
@@ -94,10 +80,10 @@ fn sweep_cryptfs(rig: &Rig, operation: &'static str, stage: &str, syscall: &'sta
     std::fs::create_dir_all(&snap).expect("snap");
     let snap_img = snap.join("root.img");
     std::fs::copy(&rig.device, &snap_img).expect("snapshot image");
-    copy_tree(&rig.boot, &snap.join("boot"));
+    common::copy_tree(&rig.boot, &snap.join("boot"));
     let restore = || {
         std::fs::copy(&snap_img, &rig.device).expect("restore image");
-        copy_tree(&snap.join("boot"), &rig.boot);
+        common::copy_tree(&snap.join("boot"), &rig.boot);
     };
     let cmd: Vec<String> = [BIN, "run", "--stage", stage, "--config"]
         .iter()
@@ -117,61 +103,13 @@ fn sweep_cryptfs(rig: &Rig, operation: &'static str, stage: &str, syscall: &'sta
     for n in 1..=total {
         restore();
         under_strace(&cmd, syscall, n, &env, rig.dir.path());
-        match check_cryptfs_recovery(rig) {
+        match common::cryptfs_recovers(rig) {
             Ok(()) => row.intact += 1,
             Err(why) => row.failures.push(format!("{n}:{why}")),
         }
     }
     restore();
     row
-}
-
-fn check_cryptfs_recovery(rig: &Rig) -> Result<(), String> {
-    let out = rig.cryptfs_env(
-        &["run", "--stage", "all"],
-        &[("CRYPTFS_BOOT_ID", "recovery")],
-    );
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(err.lines().last().unwrap_or("").chars().take(120).collect());
-    }
-    let s = rig.status();
-    if s["state"] != "header-backed-up" {
-        return Err(format!("state {}", s["state"]));
-    }
-    if s["journal"]["chain_ok"] != true {
-        return Err("journal chain".into());
-    }
-    let slots = s["device"]["keyslots"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    if slots.is_empty() || slots.iter().any(|k| k["kind"] != "token") {
-        return Err("keyslots".into());
-    }
-    // The journal shows the cut: an intent of the cut boot left open there is closed later.
-    let records = s["journal"]["records"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    for (i, r) in records.iter().enumerate() {
-        if r["boot_id"] == "cut" && r["phase"] == "intent" {
-            let step = &r["step"];
-            let closed_in_cut = records[i..]
-                .iter()
-                .any(|d| d["step"] == *step && d["phase"] == "done" && d["boot_id"] == "cut");
-            let closed_later = records[i..]
-                .iter()
-                .any(|d| d["step"] == *step && d["phase"] == "done" && d["boot_id"] == "recovery");
-            if !closed_in_cut && !closed_later {
-                return Err(format!("intent of {step} never closed"));
-            }
-        }
-    }
-    if rig.files_inside() != rig.files {
-        return Err("FILES DIFFER".into());
-    }
-    Ok(())
 }
 
 /// The anchor: the same cuts on the cryptsetup CLI, recovered the reference's way.
@@ -222,29 +160,12 @@ fn sweep_reference(
         std::fs::copy(pre, &img).expect("copy");
         under_strace(&cmd, "fsync", n, &[], &work);
         let i = img.display().to_string();
-        let k = key_file.display().to_string();
         let is_luks = Command::new("cryptsetup")
             .args(["isLuks", &i])
             .status()
             .is_ok_and(|s| s.success());
         if is_luks {
-            // The reference's boot with the re-encryption flag set: repair, then resume.
-            let _ = Command::new("cryptsetup")
-                .args(["repair", "--batch-mode", "--key-file", &k, &i])
-                .current_dir(&work)
-                .output();
-            let _ = Command::new("cryptsetup")
-                .args([
-                    "reencrypt",
-                    "--batch-mode",
-                    "--resume-only",
-                    "--force-offline-reencrypt",
-                    "--key-file",
-                    &k,
-                    &i,
-                ])
-                .current_dir(&work)
-                .output();
+            common::reference_recovery(&work, &img, &key_file);
         } else {
             // Not LUKS yet: the reference's boot starts the encryption again.
             clean(&work);
@@ -253,39 +174,12 @@ fn sweep_reference(
                 .current_dir(&work)
                 .output();
         }
-        match reference_files(&work, &img) {
+        match common::passphrase_volume_files(&work, &img, PASSPHRASE) {
             Some(found) if found == *files => row.intact += 1,
             _ => row.failures.push(n.to_string()),
         }
     }
     row
-}
-
-/// Files inside a passphrase volume after the reference's recovery, if it opens and is clean.
-fn reference_files(work: &Path, img: &Path) -> Option<BTreeMap<String, String>> {
-    let meta = match cryptfs::luks::metadata::read(img).ok()? {
-        cryptfs::luks::metadata::HeaderKind::Luks2(m) => m,
-        _ => return None,
-    };
-    let key = common::volume_key_with(img, PASSPHRASE)?;
-    let plain = work.join("plain");
-    cryptfs::plaintext::export(img, &meta, &key, &plain).ok()?;
-    let p = plain.display().to_string();
-    let fsck = Command::new("e2fsck")
-        .args(["-n", "-f", &p])
-        .output()
-        .ok()?;
-    if fsck.status.code() != Some(0) {
-        return None;
-    }
-    let out = work.join("out");
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).ok()?;
-    Command::new("debugfs")
-        .args(["-R", &format!("rdump / {}", out.display()), &p])
-        .output()
-        .ok()?;
-    Some(common::tree_hashes(&out))
 }
 
 fn header() {

@@ -1,10 +1,13 @@
-//! Crash states with lost unflushed writes (window C's harsh model): the device of an in-place
-//! encryption is a FUSE file that logs every write and every sync in order; a generator then
-//! builds states "all writes up to sync k, plus a seeded random subset of the writes after it"
-//! for every k and runs each through cryptfs's normal recovery (`run --stage all`). The boot
-//! directory (journal, temporary header) of each state is the one the process had when it asked
-//! for sync k+1: the most advanced journal a crash before that sync can leave. Skips with a clear
-//! message where FUSE cannot mount.
+//! Crash states with lost unflushed writes (window C's harsh model): the device of a long
+//! operation is a FUSE file that logs every write and every sync in order; a generator then
+//! builds states "all writes up to sync k, alone and plus a seeded random subset of the writes
+//! after it" for every k (for the volume-key change only the latter: a kill at every sync, in
+//! tests/fsync_cuts.rs, already makes the former) and runs each through recovery. For cryptfs (in-place encryption, the
+//! volume-key change) the boot directory (journal, temporary header) of each state is the one the
+//! process had when it asked for sync k+1: the most advanced journal a crash before that sync can
+//! leave; recovery is `run --stage all`. The cryptsetup CLI's volume-key change with the
+//! reference's recovery (`repair` + `reencrypt --resume-only`) is the anchor, measured beside it.
+//! Skips with a clear message where FUSE cannot mount.
 
 mod common;
 
@@ -61,20 +64,6 @@ fn attr(ino: u64, size: u64) -> FileAttr {
         rdev: 0,
         blksize: 4096,
         flags: 0,
-    }
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    let _ = std::fs::remove_dir_all(to);
-    std::fs::create_dir_all(to).expect("mkdir");
-    for e in std::fs::read_dir(from).expect("read_dir") {
-        let p = e.expect("entry").path();
-        let target = to.join(p.file_name().expect("name"));
-        if p.is_dir() {
-            copy_tree(&p, &target);
-        } else {
-            std::fs::copy(&p, &target).expect("copy");
-        }
     }
 }
 
@@ -183,7 +172,7 @@ impl Filesystem for LoggingDisk {
         s.syncs += 1;
         // The boot directory as the process had it when it asked for this sync.
         let snap = s.snapshots.join(s.syncs.to_string());
-        copy_tree(&s.boot, &snap);
+        common::copy_tree(&s.boot, &snap);
         s.log.push(Event::Sync);
         reply.ok();
     }
@@ -228,18 +217,82 @@ fn apply(image: &mut Vec<u8>, event: &Event) {
     }
 }
 
-#[test]
-fn in_place_encryption_recovers_from_lost_unflushed_writes() {
-    let rig = Rig::new(Image::Plain, 96);
-    let initial = std::fs::read(&rig.device).expect("image");
-    let mnt = rig.dir.path().join("mnt");
-    let snapshots = rig.dir.path().join("boot-at-sync");
+/// One operation run with its device behind the write log.
+struct Logged {
+    initial: Vec<u8>,
+    log: Vec<Event>,
+    syncs: usize,
+    /// Boot directory at sync k is `snapshots/k`; after the run, `snapshots/final`.
+    snapshots: PathBuf,
+}
+
+impl Logged {
+    fn writes(&self) -> usize {
+        self.log
+            .iter()
+            .filter(|e| !matches!(e, Event::Sync))
+            .count()
+    }
+
+    /// Every sampled crash state: (epoch k, device image, boot directory of that state).
+    /// Epoch k holds everything before sync k (k = 0: nothing), alone and with a seeded random
+    /// half of what follows it up to sync k+1.
+    /// With `only_partial`, the "nothing after sync k" states are left out: a kill at every
+    /// sync (tests/fsync_cuts.rs) already produces exactly those.
+    fn for_each_state(&self, only_partial: bool, mut f: impl FnMut(usize, &[u8], &Path)) {
+        let sync_positions: Vec<usize> = self
+            .log
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e, Event::Sync))
+            .map(|(i, _)| i)
+            .collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        for k in 0..=self.syncs {
+            let start = if k == 0 { 0 } else { sync_positions[k - 1] + 1 };
+            let end = sync_positions.get(k).copied().unwrap_or(self.log.len());
+            let boot = if k < self.syncs {
+                self.snapshots.join((k + 1).to_string())
+            } else {
+                self.snapshots.join("final")
+            };
+            let tail = &self.log[start..end];
+            let mut variants: Vec<Vec<bool>> = Vec::new();
+            if !only_partial || tail.len() <= 1 {
+                variants.push(vec![false; tail.len()]);
+            }
+            if tail.len() > 1 {
+                variants.push((0..tail.len()).map(|_| rng.gen_bool(0.5)).collect());
+            }
+            for keep in variants {
+                let mut image = self.initial.clone();
+                for e in &self.log[..start] {
+                    apply(&mut image, e);
+                }
+                for (e, kept) in tail.iter().zip(&keep) {
+                    if *kept {
+                        apply(&mut image, e);
+                    }
+                }
+                f(k, &image, &boot);
+            }
+        }
+    }
+}
+
+/// Runs `run(path of the logged device)` with a copy of `device` behind the write log, taking
+/// snapshots of `boot` at every sync. `None` (with a message) where FUSE cannot mount.
+fn log_run(work: &Path, device: &Path, boot: &Path, run: impl FnOnce(&Path)) -> Option<Logged> {
+    let initial = std::fs::read(device).expect("image");
+    let mnt = work.join("mnt");
+    let snapshots = work.join("boot-at-sync");
     std::fs::create_dir_all(&mnt).expect("mnt");
     std::fs::create_dir_all(&snapshots).expect("snapshots");
+    std::fs::create_dir_all(boot).expect("boot");
     let shared = Arc::new(Mutex::new(Shared {
         data: initial.clone(),
         log: Vec::new(),
-        boot: rig.boot.clone(),
+        boot: boot.to_path_buf(),
         snapshots: snapshots.clone(),
         syncs: 0,
     }));
@@ -256,47 +309,86 @@ fn in_place_encryption_recovers_from_lost_unflushed_writes() {
             eprintln!(
                 "SKIPPED: FUSE cannot mount here ({e}); install fuse3 and load the fuse module"
             );
-            return;
+            return None;
         }
     };
-    // The run under test: in-place encryption with the device behind the write log.
-    let fuse_config = rig.dir.path().join("fuse.toml");
-    std::fs::write(
-        &fuse_config,
-        common::config_text(&mnt.join("disk"), &rig.boot, &rig.tpm.tcti(), ""),
-    )
-    .expect("config");
-    let out = common::cryptfs_with(
-        &["run", "--stage", "initramfs"],
-        &fuse_config,
-        &[("CRYPTFS_BOOT_ID", "cut")],
-    );
+    run(&mnt.join("disk"));
     drop(session);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (log, syncs) = {
-        let s = shared.lock().expect("lock");
-        (s.log.clone(), s.syncs)
-    };
-    let final_boot = rig.dir.path().join("boot-final");
-    copy_tree(&rig.boot, &final_boot);
-    let writes = log.iter().filter(|e| !matches!(e, Event::Sync)).count();
-    assert!(
-        syncs > 5 && writes > syncs,
-        "{syncs} syncs, {writes} writes logged"
-    );
+    common::copy_tree(boot, &snapshots.join("final"));
+    let s = shared.lock().expect("lock");
+    Some(Logged {
+        initial,
+        log: s.log.clone(),
+        syncs: s.syncs,
+        snapshots,
+    })
+}
 
-    // Epoch k: everything before sync k (k = 0: nothing), plus a subset of what follows it.
-    let sync_positions: Vec<usize> = log
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| matches!(e, Event::Sync))
-        .map(|(i, _)| i)
-        .collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+/// Per-phase tally of sampled states.
+#[derive(Default)]
+struct Tally {
+    states: usize,
+    intact: usize,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn record(&mut self, k: usize, outcome: Result<(), String>) {
+        self.states += 1;
+        match outcome {
+            Ok(()) => self.intact += 1,
+            Err(why) => self.failures.push(format!("epoch {k}: {why}")),
+        }
+    }
+
+    fn print(&self, operation: &str, phase: &str, recovery: &str) {
+        eprintln!(
+            "| {operation} | {phase} | {recovery} | {} | {} |",
+            self.states, self.intact
+        );
+    }
+}
+
+fn table_header() {
+    eprintln!("\n| operation | phase | recovery | crash states (lost unflushed writes) | intact |");
+    eprintln!("|---|---|---|---|---|");
+}
+
+/// Runs `stage` of the rig's configuration with the device behind the write log.
+fn log_cryptfs(rig: &Rig, stage: &str) -> Option<Logged> {
+    let work = rig.dir.path().join(format!("log-{stage}"));
+    log_run(&work, &rig.device, &rig.boot, |disk| {
+        let config = work.join("fuse.toml");
+        std::fs::write(
+            &config,
+            common::config_text(disk, &rig.boot, &rig.tpm.tcti(), ""),
+        )
+        .expect("config");
+        let out = common::cryptfs_with(
+            &["run", "--stage", stage],
+            &config,
+            &[("CRYPTFS_BOOT_ID", "cut")],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
+}
+
+#[test]
+fn in_place_encryption_recovers_from_lost_unflushed_writes() {
+    let rig = Rig::new(Image::Plain, 96);
+    let Some(logged) = log_cryptfs(&rig, "initramfs") else {
+        return;
+    };
+    assert!(
+        logged.syncs > 5 && logged.writes() > logged.syncs,
+        "{} syncs, {} writes logged",
+        logged.syncs,
+        logged.writes()
+    );
     // Tally per phase: the shrink (e2fsck/resize2fs writing) and the encryption proper (from the
     // journal's `shrunk` on: temporary header, data move, header placement, hotzones).
     let past_shrink = |boot: &Path| {
@@ -308,82 +400,129 @@ fn in_place_encryption_recovers_from_lost_unflushed_writes() {
             })
             .unwrap_or(false)
     };
-    let mut tally = [(0usize, 0usize), (0usize, 0usize)];
-    let mut failures = Vec::new();
-    for k in 0..=syncs {
-        let start = if k == 0 { 0 } else { sync_positions[k - 1] + 1 };
-        let end = sync_positions.get(k).copied().unwrap_or(log.len());
-        let boot = if k < syncs {
-            snapshots.join((k + 1).to_string())
-        } else {
-            final_boot.clone()
-        };
-        let tail = &log[start..end];
-        let mut variants: Vec<Vec<bool>> = vec![vec![false; tail.len()]];
-        if tail.len() > 1 {
-            variants.push((0..tail.len()).map(|_| rng.gen_bool(0.5)).collect());
-        }
-        for keep in variants {
-            let mut image = initial.clone();
-            for e in &log[..start] {
-                apply(&mut image, e);
-            }
-            for (e, kept) in tail.iter().zip(&keep) {
-                if *kept {
-                    apply(&mut image, e);
-                }
-            }
-            std::fs::write(&rig.device, &image).expect("state image");
-            copy_tree(&boot, &rig.boot);
-            let phase = usize::from(past_shrink(&rig.boot));
-            tally[phase].0 += 1;
-            let out = rig.cryptfs_env(
-                &["run", "--stage", "all"],
-                &[("CRYPTFS_BOOT_ID", "recovery")],
-            );
-            let ok = out.status.success()
-                && rig.status()["state"] == "header-backed-up"
-                && rig.files_inside() == rig.files;
-            if ok {
-                tally[phase].1 += 1;
-            } else {
-                let err = String::from_utf8_lossy(&out.stderr);
-                failures.push((
-                    phase,
-                    format!(
-                        "epoch {k}: {}",
-                        err.lines()
-                            .last()
-                            .unwrap_or("")
-                            .chars()
-                            .take(100)
-                            .collect::<String>()
-                    ),
-                ));
-            }
-        }
+    let mut tally = [Tally::default(), Tally::default()];
+    logged.for_each_state(false, |k, image, boot| {
+        std::fs::write(&rig.device, image).expect("state image");
+        common::copy_tree(boot, &rig.boot);
+        let phase = usize::from(past_shrink(&rig.boot));
+        tally[phase].record(k, common::cryptfs_recovers(&rig));
+    });
+    table_header();
+    let recovery = "cryptfs (run --stage all)";
+    tally[0].print(
+        "in-place encryption",
+        "shrink (e2fsck, resize2fs)",
+        recovery,
+    );
+    tally[1].print(
+        "in-place encryption",
+        "encryption (header, data move, hotzones)",
+        recovery,
+    );
+    eprintln!(
+        "({} syncs, {} writes logged)",
+        logged.syncs,
+        logged.writes()
+    );
+    // Every sampled state, shrink included, must recover intact.
+    assert!(tally[0].states > 5, "too few shrink-phase states");
+    assert!(tally[1].states > 10, "too few encryption-phase states");
+    for t in &tally {
+        assert_eq!(t.intact, t.states, "{:#?}", t.failures);
     }
-    eprintln!("\n| operation | phase | model | crash states | intact |");
-    eprintln!("|---|---|---|---|---|");
+}
+
+const ANCHOR_PASSPHRASE: &str = "anchor-passphrase";
+
+#[test]
+fn volume_key_change_recovers_from_lost_unflushed_writes() {
+    let rig = Rig::new(Image::Ci, 96);
+    // The anchor first (its own copy of the same files): the cryptsetup CLI's volume-key change
+    // under the write log, each state recovered the reference's way.
+    let anchor_dir = rig.dir.path().join("anchor");
+    std::fs::create_dir_all(&anchor_dir).expect("anchor dir");
+    let anchor_img = anchor_dir.join("img");
+    common::make_ci_image(
+        &anchor_img,
+        96,
+        &rig.dir.path().join("src"),
+        ANCHOR_PASSPHRASE,
+    );
+    let key_file = anchor_dir.join("pass");
+    std::fs::write(&key_file, ANCHOR_PASSPHRASE).expect("key file");
+    let k = key_file.display().to_string();
+    let mut anchor = Tally::default();
+    let anchor_log = log_run(
+        &anchor_dir,
+        &anchor_img,
+        &anchor_dir.join("unused"),
+        |disk| {
+            common::run(
+                "cryptsetup",
+                &[
+                    "reencrypt",
+                    "--batch-mode",
+                    "--force-offline-reencrypt",
+                    "--pbkdf",
+                    "pbkdf2",
+                    "--pbkdf-force-iterations",
+                    "1000",
+                    "--hotzone-size",
+                    "8M",
+                    "--key-file",
+                    &k,
+                    &disk.display().to_string(),
+                ],
+            );
+        },
+    );
+    let Some(anchor_log) = anchor_log else {
+        return;
+    };
+    anchor_log.for_each_state(true, |k, image, _| {
+        std::fs::write(&anchor_img, image).expect("state image");
+        common::reference_recovery(&anchor_dir, &anchor_img, &key_file);
+        let outcome =
+            match common::passphrase_volume_files(&anchor_dir, &anchor_img, ANCHOR_PASSPHRASE) {
+                Some(found) if found == rig.files => Ok(()),
+                Some(_) => Err("FILES DIFFER".into()),
+                None => Err("does not open or fsck fails".into()),
+            };
+        anchor.record(k, outcome);
+    });
+
+    // cryptfs: enrolled, passphrase wiped, re-encryption initialised (the initramfs stage), then
+    // the volume-key change itself behind the write log.
+    rig.run_stage("initramfs");
+    let Some(logged) = log_cryptfs(&rig, "all") else {
+        return;
+    };
+    let mut tally = Tally::default();
+    logged.for_each_state(true, |k, image, boot| {
+        std::fs::write(&rig.device, image).expect("state image");
+        common::copy_tree(boot, &rig.boot);
+        tally.record(k, common::cryptfs_recovers(&rig));
+    });
+    table_header();
+    tally.print(
+        "volume-key change",
+        "hotzones, finalisation, backup",
+        "cryptfs (run --stage all)",
+    );
+    anchor.print(
+        "volume-key change",
+        "hotzones, finalisation",
+        "cryptsetup repair + --resume-only",
+    );
     eprintln!(
-        "| in-place encryption | shrink (e2fsck, resize2fs) | lost unflushed writes | {} | {} |",
-        tally[0].0, tally[0].1
+        "(cryptfs: {} syncs, {} writes logged; cryptsetup: {} syncs, {} writes; reference \
+         failures: {:?})",
+        logged.syncs,
+        logged.writes(),
+        anchor_log.syncs,
+        anchor_log.writes(),
+        anchor.failures
     );
-    eprintln!("| in-place encryption | encryption (header, data move, hotzones) | lost unflushed writes | {} | {} |", tally[1].0, tally[1].1);
-    eprintln!(
-        "({syncs} syncs, {writes} writes logged; shrink failures, reported not asserted: {:?})",
-        failures
-            .iter()
-            .filter(|(p, _)| *p == 0)
-            .map(|(_, f)| f)
-            .collect::<Vec<_>>()
-    );
-    // Window C and everything cryptfs itself writes: every sampled state must recover intact.
-    assert!(tally[1].0 > 10, "too few encryption-phase states");
-    assert_eq!(
-        tally[1].1,
-        tally[1].0,
-        "{:#?}",
-        failures.iter().filter(|(p, _)| *p == 1).collect::<Vec<_>>()
-    );
+    assert!(tally.states > 10, "too few states");
+    assert_eq!(tally.intact, tally.states, "{:#?}", tally.failures);
 }

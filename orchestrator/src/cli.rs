@@ -35,15 +35,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Unlock the volume with this device's KEK token without activating it; says which token
-    /// and keyslot opened.
+    /// Unlock the volume with this device's KEK token and activate it as
+    /// `/dev/mapper/<mapping_name>` (initramfs); with `--test`, only say which token and keyslot
+    /// open it.
     Unlock {
         /// Configuration file.
         #[arg(long)]
         config: PathBuf,
-        /// Only test (no activation). Required: activation comes with the initramfs integration.
-        #[arg(long, required = true)]
+        /// Only test the unlock; activate nothing.
+        #[arg(long)]
         test: bool,
+        /// Print only the path of the active mapping on stdout (for the initramfs module).
+        #[arg(long, conflicts_with = "test")]
+        device_path: bool,
     },
     /// Unlock with the KEK token (no activation) and write the decrypted filesystem image to
     /// a file, for offline checks on machines without dm-crypt (demo, tests).

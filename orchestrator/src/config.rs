@@ -27,12 +27,14 @@
 //! [reencrypt]
 //! hotzone_size = 8388608       # bytes; bounds crash-recovery time
 //! policy = "when-from-image"   # or "always" / "never"
+//! resume = "initramfs"         # or "background": after a crash, the initramfs only repairs
+//!                              # and the userspace service finishes the job
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use cryptfs_states::ReencryptPolicy;
+use cryptfs_states::{ReencryptPolicy, ResumePolicy};
 use serde::Deserialize;
 
 /// The passphrase of the reference's CI images, used when no passphrase file is configured.
@@ -176,6 +178,9 @@ pub struct ReencryptConfig {
     /// When the volume key is replaced.
     #[serde(default)]
     pub policy: ReencryptPolicy,
+    /// Where a re-encryption interrupted by a reboot or power cut is finished.
+    #[serde(default)]
+    pub resume: ResumePolicy,
 }
 
 impl Default for ReencryptConfig {
@@ -183,6 +188,7 @@ impl Default for ReencryptConfig {
         ReencryptConfig {
             hotzone_size: default_hotzone(),
             policy: ReencryptPolicy::default(),
+            resume: ResumePolicy::default(),
         }
     }
 }

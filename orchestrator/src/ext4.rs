@@ -41,6 +41,36 @@ pub fn read_superblock(device: &Path) -> crate::Result<Option<Ext4Facts>> {
     parse_superblock(&sb)
 }
 
+/// Offset and size of the primary superblock.
+pub const SUPERBLOCK_OFFSET: u64 = 1024;
+/// Size of the superblock.
+pub const SUPERBLOCK_SIZE: usize = 1024;
+
+/// The primary superblock's raw bytes.
+pub fn superblock_bytes(device: &Path) -> crate::Result<[u8; SUPERBLOCK_SIZE]> {
+    let mut file =
+        std::fs::File::open(device).with_context(|| format!("cannot open {}", device.display()))?;
+    let mut sb = [0u8; SUPERBLOCK_SIZE];
+    file.seek(SeekFrom::Start(SUPERBLOCK_OFFSET))?;
+    file.read_exact(&mut sb)
+        .with_context(|| format!("cannot read the superblock of {}", device.display()))?;
+    Ok(sb)
+}
+
+/// Writes `sb` over the primary superblock and flushes it to the device.
+pub fn write_superblock_bytes(device: &Path, sb: &[u8]) -> crate::Result<()> {
+    use std::io::Write;
+    anyhow::ensure!(sb.len() == SUPERBLOCK_SIZE, "a superblock is 1024 bytes");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(device)
+        .with_context(|| format!("cannot open {} for writing", device.display()))?;
+    file.seek(SeekFrom::Start(SUPERBLOCK_OFFSET))?;
+    file.write_all(sb)?;
+    file.sync_all()?;
+    Ok(())
+}
+
 fn le16(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }

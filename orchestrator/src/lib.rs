@@ -11,6 +11,7 @@ pub mod ext4;
 pub mod failpoint;
 pub mod kek;
 pub mod luks;
+pub mod notify;
 pub mod plaintext;
 pub mod probe;
 pub mod record;

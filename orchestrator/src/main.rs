@@ -15,6 +15,7 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -73,8 +74,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Unlock { config, test } => {
-            debug_assert!(test);
+        Command::Unlock {
+            config,
+            test: false,
+            device_path,
+        } => {
+            let config = Config::load(&config)?;
+            let path = format!(
+                "/dev/mapper/{}",
+                config.mapping_name.as_deref().unwrap_or_default()
+            );
+            let outcome = cryptfs::unlock::activate(&config)?;
+            if device_path {
+                println!("{path}");
+                return Ok(());
+            }
+            match outcome {
+                cryptfs::unlock::Activation::AlreadyActive => {
+                    println!("cryptfs: {path} is already active");
+                }
+                cryptfs::unlock::Activation::Activated { keyslot } => println!(
+                    "cryptfs: keyslot {keyslot} of {} opened by its token; active as {path}",
+                    config.device.display()
+                ),
+            }
+            Ok(())
+        }
+        Command::Unlock { config, .. } => {
             let config = Config::load(&config)?;
             let unlocked = cryptfs::unlock::with_token(&config)?;
             let kind = unlocked

@@ -60,6 +60,8 @@ pub fn facts(
                 ),
                 None => None,
             },
+            reencrypt_needs_repair: meta.reencrypt_crashed()
+                || crate::luks::finalize::all_data_on_final_key(meta),
         }),
         Content::Luks1 => bail!(
             "{dev} is LUKS1; cryptfs needs LUKS2 (convert it with `cryptsetup convert --type \
@@ -91,6 +93,7 @@ pub fn facts(
         mapping_active: probe::mapping_active(config.mapping_name.as_deref()),
         policy: Policy {
             reencrypt: config.reencrypt.policy,
+            resume: config.reencrypt.resume,
         },
     })
 }
@@ -216,6 +219,7 @@ pub fn run(
                     );
                 }
                 tracing::info!(%state, stage = stage_name(stage), "nothing left to do in this stage");
+                crate::notify::status(&format!("{state}: nothing left to do"));
                 return Ok(state);
             }
             Action::Blocked(blocker) => bail!(
@@ -227,6 +231,7 @@ pub fn run(
             Action::Run(step) => step,
         };
         tracing::info!(%step, %state, "step starting");
+        crate::notify::status(&format!("{step} (device {state})"));
         let mut ctx = StepContext {
             config,
             kek: kek.as_mut(),

@@ -1,4 +1,4 @@
-//! Unlocking with the KEK token, without activating anything.
+//! Unlocking with the KEK token: test only, or activation of the dm-crypt mapping (initramfs).
 
 use anyhow::{anyhow, bail};
 use zeroize::Zeroizing;
@@ -40,4 +40,52 @@ pub fn with_token(config: &Config) -> crate::Result<Unlocked> {
         volume_key,
         meta,
     })
+}
+
+/// What `activate` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Activation {
+    /// The mapping already existed (a second call in the same boot is a no-op).
+    AlreadyActive,
+    /// The mapping was created with the token's keyslot.
+    Activated {
+        /// The keyslot that opened.
+        keyslot: u32,
+    },
+}
+
+/// Activates the configured device as `/dev/mapper/<mapping_name>` with the KEK token.
+///
+/// Refuses a header in a re-encryption crash state: libcryptsetup would run its own recovery
+/// during activation, which is unsafe in the measured crash windows; `cryptfs run --stage
+/// initramfs` repairs it first.
+pub fn activate(config: &Config) -> crate::Result<Activation> {
+    let name = config.mapping_name.as_deref().ok_or_else(|| {
+        anyhow!("no `mapping_name` in the configuration: nothing to activate the volume as")
+    })?;
+    if probe::mapping_active(Some(name)) {
+        return Ok(Activation::AlreadyActive);
+    }
+    let mut kek = kek::from_config(config)?;
+    let meta = match probe::probe(&config.device)?.content {
+        Content::Luks2(meta) => meta,
+        _ => bail!(
+            "{} is not a LUKS2 volume (run `cryptfs run --stage initramfs` first)",
+            config.device.display()
+        ),
+    };
+    if meta.reencrypt_crashed() || crate::luks::finalize::all_data_on_final_key(&meta) {
+        bail!(
+            "{} has an interrupted re-encryption that needs repair before activation; run              `cryptfs run --stage initramfs` first",
+            config.device.display()
+        );
+    }
+    let (_, slot, sealed) = usable_token(kek.as_ref(), &meta)
+        .ok_or_else(|| anyhow!("no {} token this device can use", kek.token_type()))?;
+    let passphrase = kek.unseal(&sealed)?.keyslot_passphrase();
+    // With a re-encryption in flight the mapping needs both volume keys: the token's
+    // passphrase opens the old key's keyslot and the new key's, so let libcryptsetup try all.
+    let keyslot = meta.reencrypt_mode().is_none().then_some(slot);
+    let keyslot = device::activate(&config.device, name, keyslot, &passphrase)?;
+    Ok(Activation::Activated { keyslot })
 }

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-use crate::facts::{DeviceFacts, Facts};
+use crate::facts::{DeviceFacts, Facts, ResumePolicy};
 use crate::state::{derive_state, ProvisioningState};
 
 /// Which part of the boot is running cryptfs.
@@ -32,6 +32,9 @@ pub enum Step {
     InitReencrypt,
     /// Run (or resume) the re-encryption to its end.
     Reencrypt,
+    /// Repair what a crash left of a re-encryption (hotzone recovery, finalisation) without
+    /// running it further, so the volume can be activated and finished in the background.
+    RecoverReencrypt,
     /// Write `luks.bin` on the boot partition and record its digest.
     BackupHeader,
     /// Grow the filesystem into the space the LUKS2 header no longer needs.
@@ -40,12 +43,13 @@ pub enum Step {
 
 impl Step {
     /// Every step, in path order.
-    pub const ALL: [Step; 7] = [
+    pub const ALL: [Step; 8] = [
         Step::EncryptInPlace,
         Step::EnrollKek,
         Step::WipePassphrase,
         Step::InitReencrypt,
         Step::Reencrypt,
+        Step::RecoverReencrypt,
         Step::BackupHeader,
         Step::GrowFilesystem,
     ];
@@ -58,6 +62,7 @@ impl Step {
             Step::WipePassphrase => "wipe-passphrase",
             Step::InitReencrypt => "init-reencrypt",
             Step::Reencrypt => "reencrypt",
+            Step::RecoverReencrypt => "recover-reencrypt",
             Step::BackupHeader => "backup-header",
             Step::GrowFilesystem => "grow-filesystem",
         }
@@ -119,6 +124,15 @@ pub fn plan(facts: &Facts, stage: Stage) -> Action {
             // Re-encryption set up during this boot belongs to the userspace service; one left
             // over from an earlier boot is finished here, blocking, as the reference does.
             Stage::Initramfs if facts.journal.reencrypt_initialised_this_boot => Action::Done,
+            // Finishing in the background (the option the reference lacks): the initramfs only
+            // makes the volume safe to activate.
+            Stage::Initramfs if facts.policy.resume == ResumePolicy::Background => {
+                if matches!(&facts.device, DeviceFacts::Luks2(l) if l.reencrypt_needs_repair) {
+                    Action::Run(Step::RecoverReencrypt)
+                } else {
+                    Action::Done
+                }
+            }
             _ => Action::Run(Step::Reencrypt),
         },
         ProvisioningState::Complete if late => Action::Run(Step::BackupHeader),

@@ -20,6 +20,11 @@ pub struct Luks2Facts {
     pub passphrase_keyslots: Vec<u32>,
     /// An unfinished LUKS2 re-encryption, if the header carries the requirement.
     pub reencrypt: Option<ReencryptMode>,
+    /// The unfinished re-encryption needs repair before the volume may be activated: a hotzone
+    /// was in flight when the last run stopped, or every byte is already on the final key with
+    /// the metadata unfinished (windows A and B).
+    #[serde(default)]
+    pub reencrypt_needs_repair: bool,
 }
 
 /// Which kind of LUKS2 re-encryption the header has in flight.
@@ -93,11 +98,26 @@ pub enum ReencryptPolicy {
     Never,
 }
 
+/// Where a re-encryption left unfinished by an earlier boot is finished.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResumePolicy {
+    /// In the initramfs, blocking the boot until done (the reference's behaviour).
+    #[default]
+    Initramfs,
+    /// The initramfs only repairs what a crash left (hotzone recovery, finalisation) so the
+    /// volume can be activated; the userspace service finishes it in the background.
+    Background,
+}
+
 /// The user's choices that change the plan.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     /// When re-encryption is required.
     pub reencrypt: ReencryptPolicy,
+    /// Where an interrupted re-encryption is finished.
+    #[serde(default)]
+    pub resume: ResumePolicy,
 }
 
 impl Facts {

@@ -16,7 +16,7 @@ pub mod state;
 pub use action::{plan, Action, Blocker, Stage, Step};
 pub use facts::{
     DeviceFacts, Facts, JournalFacts, Luks2Facts, Policy, ReencryptMode, ReencryptPolicy,
-    ReencryptProgress, VolumeKeyOrigin,
+    ReencryptProgress, ResumePolicy, VolumeKeyOrigin,
 };
 pub use machine::{allowed, ProvisioningMachine, TransitionError};
 pub use state::{derive_state, ProvisioningState};

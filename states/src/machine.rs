@@ -62,6 +62,7 @@ mod model {
             (S::KekEnrolled, Step::WipePassphrase) => &[S::KekEnrolled, S::Complete],
             (S::KekEnrolled, Step::InitReencrypt) => &[S::Reencrypting],
             (S::Reencrypting, Step::Reencrypt) => &[S::Complete],
+            (S::Reencrypting, Step::RecoverReencrypt) => &[S::Reencrypting, S::Complete],
             (S::Complete, Step::BackupHeader) => &[S::HeaderBackedUp],
             (S::HeaderBackedUp, Step::GrowFilesystem) => &[S::HeaderBackedUp],
             _ => &[],

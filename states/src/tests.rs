@@ -7,6 +7,7 @@ fn luks(kek: bool, passphrases: &[u32], reencrypt: Option<ReencryptMode>) -> Dev
         kek_token: kek,
         passphrase_keyslots: passphrases.to_vec(),
         reencrypt,
+        reencrypt_needs_repair: false,
     })
 }
 
@@ -118,6 +119,46 @@ fn initramfs_finishes_only_reencryption_left_by_an_earlier_boot() {
 }
 
 #[test]
+fn background_resume_only_repairs_in_the_initramfs() {
+    let mut f = facts(
+        luks(true, &[], Some(ReencryptMode::Reencrypt)),
+        Some(VolumeKeyOrigin::Image),
+    );
+    f.policy.resume = ResumePolicy::Background;
+    // Left clean by the last boot: nothing for the initramfs, the service finishes it.
+    assert_eq!(plan(&f, Stage::Initramfs), Action::Done);
+    assert_eq!(plan(&f, Stage::Userspace), Action::Run(Step::Reencrypt));
+    // A hotzone in flight (or all data final, metadata unfinished): repaired before activation.
+    if let DeviceFacts::Luks2(l) = &mut f.device {
+        l.reencrypt_needs_repair = true;
+    }
+    assert_eq!(
+        plan(&f, Stage::Initramfs),
+        Action::Run(Step::RecoverReencrypt)
+    );
+    assert_eq!(plan(&f, Stage::All), Action::Run(Step::Reencrypt));
+    // The default keeps the reference's behaviour: finish it here, blocking.
+    f.policy.resume = ResumePolicy::Initramfs;
+    assert_eq!(plan(&f, Stage::Initramfs), Action::Run(Step::Reencrypt));
+}
+
+#[test]
+fn recovery_may_leave_the_volume_reencrypting_or_complete_but_nothing_else() {
+    use ProvisioningState as S;
+    let mut m = ProvisioningMachine::resume(S::Reencrypting);
+    assert!(m
+        .completed(Step::RecoverReencrypt, S::Reencrypting)
+        .expect("legal")
+        .is_empty());
+    assert!(m.completed(Step::RecoverReencrypt, S::KekEnrolled).is_err());
+    assert_eq!(
+        m.completed(Step::RecoverReencrypt, S::Complete)
+            .expect("legal"),
+        vec![(S::Reencrypting, S::Complete)]
+    );
+}
+
+#[test]
 fn userspace_refuses_initramfs_work() {
     for device in [
         DeviceFacts::PlainExt4,
@@ -189,6 +230,12 @@ fn every_state_has_a_plan_for_every_stage() {
         luks(true, &[], None),
         luks(false, &[], Some(ReencryptMode::Encrypt)),
         luks(true, &[], Some(ReencryptMode::Reencrypt)),
+        DeviceFacts::Luks2(Luks2Facts {
+            kek_token: true,
+            passphrase_keyslots: vec![],
+            reencrypt: Some(ReencryptMode::Reencrypt),
+            reencrypt_needs_repair: true,
+        }),
     ];
     let origins = [
         None,
@@ -198,9 +245,14 @@ fn every_state_has_a_plan_for_every_stage() {
     ];
     for d in &devices {
         for o in origins {
-            for backup in [false, true] {
+            for (backup, resume) in [
+                (false, ResumePolicy::Initramfs),
+                (true, ResumePolicy::Initramfs),
+                (false, ResumePolicy::Background),
+            ] {
                 let mut f = facts(d.clone(), o);
                 f.backup_verified = backup;
+                f.policy.resume = resume;
                 for stage in [Stage::Initramfs, Stage::Userspace, Stage::All] {
                     if let Action::Run(step) = plan(&f, stage) {
                         let state = derive_state(&f);

@@ -531,3 +531,124 @@ pub fn assert_nothing_written_contains(rig: &Rig, needles: &[&[u8]], outputs: &[
         }
     }
 }
+
+/// Replaces `to` with a recursive copy of `from` (boot directories of crash states).
+pub fn copy_tree(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let p = e.expect("entry").path();
+        let target = to.join(p.file_name().expect("name"));
+        if p.is_dir() {
+            copy_tree(&p, &target);
+        } else {
+            std::fs::copy(&p, &target).expect("copy");
+        }
+    }
+}
+
+/// The reference's boot with the re-encryption flag set: `cryptsetup repair`, then
+/// `reencrypt --resume-only` (offline), both with the passphrase in `key_file`.
+pub fn reference_recovery(work: &Path, img: &Path, key_file: &Path) {
+    let i = img.display().to_string();
+    let k = key_file.display().to_string();
+    let _ = Command::new("cryptsetup")
+        .args(["repair", "--batch-mode", "--key-file", &k, &i])
+        .current_dir(work)
+        .output();
+    let _ = Command::new("cryptsetup")
+        .args([
+            "reencrypt",
+            "--batch-mode",
+            "--resume-only",
+            "--force-offline-reencrypt",
+            "--key-file",
+            &k,
+            &i,
+        ])
+        .current_dir(work)
+        .output();
+}
+
+/// Files inside a passphrase volume (decrypted in userspace), if it opens and its filesystem
+/// checks clean.
+pub fn passphrase_volume_files(
+    work: &Path,
+    img: &Path,
+    passphrase: &str,
+) -> Option<BTreeMap<String, String>> {
+    let meta = match cryptfs::luks::metadata::read(img).ok()? {
+        cryptfs::luks::metadata::HeaderKind::Luks2(m) => m,
+        _ => return None,
+    };
+    let key = volume_key_with(img, passphrase)?;
+    let plain = work.join("plain");
+    cryptfs::plaintext::export(img, &meta, &key, &plain).ok()?;
+    let p = plain.display().to_string();
+    let fsck = Command::new("e2fsck")
+        .args(["-n", "-f", &p])
+        .output()
+        .ok()?;
+    if fsck.status.code() != Some(0) {
+        return None;
+    }
+    let out = work.join("out");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).ok()?;
+    Command::new("debugfs")
+        .args(["-R", &format!("rdump / {}", out.display()), &p])
+        .output()
+        .ok()?;
+    Some(tree_hashes(&out))
+}
+
+/// cryptfs's normal boot path after a crash (`run --stage all`, boot id `recovery`), then the
+/// checks every crash harness makes: `header-backed-up`, journal chain valid, only token
+/// keyslots, every intent of the cut boot (`cut`) closed, every file byte-identical.
+pub fn cryptfs_recovers(rig: &Rig) -> Result<(), String> {
+    let out = rig.cryptfs_env(
+        &["run", "--stage", "all"],
+        &[("CRYPTFS_BOOT_ID", "recovery")],
+    );
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(err.lines().last().unwrap_or("").chars().take(120).collect());
+    }
+    let s = rig.status();
+    if s["state"] != "header-backed-up" {
+        return Err(format!("state {}", s["state"]));
+    }
+    if s["journal"]["chain_ok"] != true {
+        return Err("journal chain".into());
+    }
+    let slots = s["device"]["keyslots"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if slots.is_empty() || slots.iter().any(|k| k["kind"] != "token") {
+        return Err("keyslots".into());
+    }
+    // The journal shows the cut: an intent of the cut boot left open there is closed later.
+    let records = s["journal"]["records"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for (i, r) in records.iter().enumerate() {
+        if r["boot_id"] == "cut" && r["phase"] == "intent" {
+            let step = &r["step"];
+            let closed_in_cut = records[i..]
+                .iter()
+                .any(|d| d["step"] == *step && d["phase"] == "done" && d["boot_id"] == "cut");
+            let closed_later = records[i..]
+                .iter()
+                .any(|d| d["step"] == *step && d["phase"] == "done" && d["boot_id"] == "recovery");
+            if !closed_in_cut && !closed_later {
+                return Err(format!("intent of {step} never closed"));
+            }
+        }
+    }
+    if rig.files_inside() != rig.files {
+        return Err("FILES DIFFER".into());
+    }
+    Ok(())
+}

@@ -47,6 +47,26 @@ pub fn test_passphrase(
         .map_err(|e| anyhow!("no keyslot of {} opens with it ({e})", device.display()))
 }
 
+/// Activates `device` as `/dev/mapper/<name>` with the passphrase of `keyslot` (any keyslot
+/// when `None`); returns the keyslot that opened. A header with a clean re-encryption in flight
+/// is activated with its reencryption segments (libcryptsetup builds the two-key table).
+pub fn activate(
+    device: &Path,
+    name: &str,
+    keyslot: Option<u32>,
+    passphrase: &Passphrase,
+) -> crate::Result<u32> {
+    let mut cd = open(device)?;
+    cd.activate_handle()
+        .activate_by_passphrase(
+            Some(name),
+            keyslot,
+            passphrase.expose(),
+            CryptActivate::empty(),
+        )
+        .map_err(|e| anyhow!("cannot activate {} as {name} ({e})", device.display()))
+}
+
 /// Adds a keyslot for `new` (PBKDF2/sha512/1000), unlocking the volume key with `existing`.
 ///
 /// Not idempotent by itself: callers first look for a keyslot `new` already opens.

@@ -114,6 +114,23 @@ impl Luks2Metadata {
             .or(Some("reencrypt"))
     }
 
+    /// Whether a hotzone was in flight when the last re-encryption run stopped (a segment
+    /// flagged `in-reencryption`): libcryptsetup's "crash" status, recovery needed.
+    pub fn reencrypt_crashed(&self) -> bool {
+        self.reencrypt_mode().is_some()
+            && self
+                .json
+                .get("segments")
+                .and_then(Value::as_object)
+                .is_some_and(|segments| {
+                    segments.values().any(|seg| {
+                        seg.get("flags")
+                            .and_then(Value::as_array)
+                            .is_some_and(|f| f.iter().any(|x| x == "in-reencryption"))
+                    })
+                })
+    }
+
     /// Tokens whose keyslots include `slot`.
     pub fn tokens_of(&self, slot: u32) -> impl Iterator<Item = (&u32, &TokenMeta)> {
         self.tokens

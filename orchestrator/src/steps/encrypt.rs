@@ -20,11 +20,22 @@ use crate::probe::{Content, Probe};
 use crate::record::{self, keys};
 
 const STEP: Step = Step::EncryptInPlace;
+/// Intent detail: the primary superblock (hex) as it was when the filesystem checked clean,
+/// before anything of the shrink ran. Not a secret: ext4 metadata.
+const SUPERBLOCK_BEFORE: &str = "superblock_before";
 
 /// Runs or resumes in-place encryption.
 pub fn run(ctx: &mut StepContext<'_>, probe: &Probe) -> crate::Result<()> {
     match &probe.content {
-        Content::PlainExt4(fs) => start(ctx, fs, probe.size_bytes),
+        Content::PlainExt4(fs) => {
+            if record::pending(ctx.rec.journal(), STEP).is_some() {
+                // Length first: resize2fs may have truncated an image file before the crash.
+                let size_bytes = restore_journaled_length(ctx, probe.size_bytes)?;
+                let repaired = repair_interrupted_shrink(ctx, fs)?;
+                return start(ctx, &repaired, size_bytes);
+            }
+            start(ctx, fs, probe.size_bytes)
+        }
         Content::Luks2(meta) if meta.reencrypt_mode() == Some("encrypt") => finish(ctx),
         _ => bail!("in-place encryption needs a plain ext4 filesystem"),
     }
@@ -40,6 +51,45 @@ pub fn header_placement_interrupted(ctx: &StepContext<'_>) -> bool {
 pub fn redo_header_placement(ctx: &mut StepContext<'_>) -> crate::Result<()> {
     tracing::warn!("header placement was interrupted; placing the prepared header again");
     place_header_and_finish(ctx)
+}
+
+/// Repairs the filesystem after our own shrink was interrupted, possibly losing unflushed
+/// writes; returns the superblock as it reads afterwards.
+///
+/// resize2fs is not crash-safe under lost writes: libext2fs rewrites only the changed ranges of
+/// the primary superblock, so a lost range leaves it torn (checksum mismatch). e2fsck falls
+/// back to a backup superblock by itself, but a filesystem of one block group has none: then
+/// the superblock saved in the journaled intent (the filesystem as `e2fsck -n` found it clean)
+/// goes back first. Nothing but our shrink wrote here since the intent, so every repair e2fsck
+/// offers is ours to accept.
+fn repair_interrupted_shrink(ctx: &StepContext<'_>, fs: &Ext4Facts) -> crate::Result<Ext4Facts> {
+    let dev = &ctx.config.device;
+    let dev_str = dev.display().to_string();
+    tracing::warn!("resuming an interrupted shrink: repairing the filesystem first (e2fsck -y)");
+    let first = cmd::run_any("e2fsck", &["-y", "-f", &dev_str])?;
+    // 0: clean, 1/2: errors corrected; anything else: it could not (or would not) open it.
+    if !matches!(first.code, Some(0..=2)) {
+        let saved = record::pending(ctx.rec.journal(), STEP)
+            .and_then(|recs| recs.first())
+            .and_then(|r| r.body.detail_str(SUPERBLOCK_BEFORE))
+            .and_then(|h| hex::decode(h).ok())
+            .ok_or_else(|| {
+                anyhow!(
+                    "the filesystem on {dev_str} is damaged after an interrupted shrink and the \
+                     journal holds no saved superblock: {}",
+                    first.stderr.lines().last().unwrap_or("").trim()
+                )
+            })?;
+        tracing::warn!(
+            block_size = fs.block_size,
+            "primary superblock unusable ({}); putting back the one saved before the shrink",
+            first.stderr.lines().last().unwrap_or("").trim()
+        );
+        crate::ext4::write_superblock_bytes(dev, &saved)?;
+        cmd::run("e2fsck", &["-y", "-f", &dev_str], &[0, 1, 2])?;
+    }
+    crate::ext4::read_superblock(dev)?
+        .ok_or_else(|| anyhow!("{dev_str} holds no ext4 filesystem after the repair"))
 }
 
 fn resize2fs_minimum_blocks(device: &Path) -> crate::Result<u64> {
@@ -63,6 +113,22 @@ fn restore_image_length(dev: &Path, size_bytes: u64) -> crate::Result<()> {
     Ok(())
 }
 
+/// A crash between resize2fs and the length restore leaves an image file shorter than the
+/// device was: the journal remembers the original length. Returns the device's length.
+fn restore_journaled_length(ctx: &StepContext<'_>, size_bytes: u64) -> crate::Result<u64> {
+    let journaled_bytes = record::pending(ctx.rec.journal(), STEP)
+        .and_then(|recs| recs.first())
+        .and_then(|r| r.body.details.get("device_bytes"))
+        .and_then(Value::as_u64);
+    match journaled_bytes {
+        Some(original) if original > size_bytes => {
+            restore_image_length(&ctx.config.device, original)?;
+            Ok(original)
+        }
+        _ => Ok(size_bytes),
+    }
+}
+
 /// The last check before the first header byte is written: the filesystem must end at least
 /// 32 MiB before the end of the device, or the data shift would cut its tail off.
 fn ensure_room_for_header(dev: &Path, size_bytes: u64) -> crate::Result<()> {
@@ -84,19 +150,7 @@ fn ensure_room_for_header(dev: &Path, size_bytes: u64) -> crate::Result<()> {
 
 fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::Result<()> {
     let dev = ctx.config.device.clone();
-    // A crash between resize2fs and the length restore leaves an image file shorter than the
-    // device was: the journal remembers the original length.
-    let journaled_bytes = record::pending(ctx.rec.journal(), STEP)
-        .and_then(|recs| recs.first())
-        .and_then(|r| r.body.details.get("device_bytes"))
-        .and_then(Value::as_u64);
-    let size_bytes = match journaled_bytes {
-        Some(original) if original > size_bytes => {
-            restore_image_length(&dev, original)?;
-            original
-        }
-        _ => size_bytes,
-    };
+    let size_bytes = restore_journaled_length(ctx, size_bytes)?;
     let dev_str = dev.display().to_string();
     // Preconditions, all before the first write.
     let target_bytes = size_bytes
@@ -108,16 +162,6 @@ fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::R
     let target_blocks = target_bytes / fs.block_size;
     if fs.size_bytes() > size_bytes {
         bail!("the filesystem on {dev_str} is larger than the device: refusing to touch it");
-    }
-    if record::pending(ctx.rec.journal(), STEP).is_some() {
-        // Our own shrink was interrupted, possibly losing unflushed writes: resize2fs is not
-        // crash-safe under lost writes and can leave inconsistencies preen mode will not touch.
-        // They are ours to repair (nothing else wrote here since the intent), so every repair
-        // e2fsck offers is accepted; the checks below then run on the repaired filesystem.
-        tracing::warn!(
-            "resuming an interrupted shrink: repairing the filesystem first (e2fsck -y)"
-        );
-        cmd::run("e2fsck", &["-y", "-f", &dev_str], &[0, 1])?;
     }
     let check = cmd::run_any("e2fsck", &["-n", "-f", &dev_str])?;
     if check.code != Some(0) {
@@ -143,6 +187,7 @@ fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::R
 
     // Seal first: the sealed form is public and goes into the journal, the secret itself only
     // ever exists in memory and as the keyslot passphrase. No temporary passphrase exists.
+    let superblock = crate::ext4::superblock_bytes(&dev)?;
     let (secret, sealed) = ctx.kek.seal()?;
     let uuid = uuid::Uuid::new_v4();
     ctx.rec.intent(
@@ -154,6 +199,7 @@ fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::R
             ("filesystem_uuid", Value::from(fs.uuid.clone())),
             ("filesystem_label", Value::from(fs.label.clone())),
             ("device_bytes", Value::from(size_bytes)),
+            (SUPERBLOCK_BEFORE, Value::from(hex::encode(superblock))),
         ]),
     )?;
     failpoint::hit("encrypt-in-place:after-intent");

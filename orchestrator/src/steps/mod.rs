@@ -50,6 +50,7 @@ pub fn run(step: Step, ctx: &mut StepContext<'_>, probe: &Probe) -> crate::Resul
         Step::WipePassphrase => wipe::run(ctx, luks2(probe)?),
         Step::InitReencrypt => reencrypt::init(ctx, luks2(probe)?),
         Step::Reencrypt => reencrypt::run(ctx, luks2(probe)?),
+        Step::RecoverReencrypt => reencrypt::recover(ctx, luks2(probe)?),
         Step::BackupHeader => backup::run(ctx),
         Step::GrowFilesystem => grow::run(ctx),
     }

@@ -82,10 +82,23 @@ pub fn run(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()>
             &passphrase,
         )?;
     }
-    let current = crate::probe::luks2(&dev, "after re-encryption")?;
+    finish(ctx)
+}
+
+/// The tail of a finished volume-key change: the token names the new keyslot, the metadata
+/// records the key's origin, the journal closes the step.
+fn finish(ctx: &mut StepContext<'_>) -> crate::Result<()> {
+    let current = crate::probe::luks2(&ctx.config.device, "after re-encryption")?;
     let (_, passphrase) = super::unlock_with_token(ctx, &current)?;
     reassign_token(ctx, &passphrase)?;
     mark_reencrypted(ctx)?;
+    if record::pending(ctx.rec.journal(), Step::Reencrypt).is_none() {
+        ctx.rec.intent(
+            Step::Reencrypt,
+            ctx.state,
+            Journal::details([("finished_by", Value::from("crash-recovery"))]),
+        )?;
+    }
     ctx.rec.done(
         Step::Reencrypt,
         ctx.state,
@@ -94,6 +107,45 @@ pub fn run(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()>
             serde_json::to_value(VolumeKeyOrigin::Reencrypted)?,
         )]),
     )?;
+    Ok(())
+}
+
+/// Repairs what a crash left of a volume-key change without running it further (background
+/// resume policy): finalises the metadata in windows A/B, or recovers the hotzone that was in
+/// flight. The volume can then be activated and the rest runs in the userspace service.
+pub fn recover(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()> {
+    let dev = ctx.config.device.clone();
+    if let Some(why) = probe::in_use(&dev)? {
+        bail!(
+            "{} is {why}: crash recovery must run before activation",
+            dev.display()
+        );
+    }
+    ctx.rec
+        .intent(Step::RecoverReencrypt, ctx.state, Journal::details([]))?;
+    if !finalize_if_all_data_final(ctx, Step::Reencrypt)? {
+        let (_, passphrase) = super::unlock_with_token(ctx, meta)?;
+        luks_reencrypt::recover_if_crashed(
+            &dev,
+            luks_reencrypt::Kind::Reencrypt,
+            None,
+            &passphrase,
+            ctx.config.reencrypt.hotzone_size,
+        )?;
+        // Recovering the last hotzone can leave every byte on the final key.
+        finalize_if_all_data_final(ctx, Step::Reencrypt)?;
+    }
+    let finished = crate::probe::luks2(&dev, "after crash recovery")?
+        .reencrypt_mode()
+        .is_none();
+    ctx.rec.done(
+        Step::RecoverReencrypt,
+        ctx.state,
+        Journal::details([("finished", Value::from(finished))]),
+    )?;
+    if finished {
+        finish(ctx)?;
+    }
     Ok(())
 }
 
@@ -214,15 +266,15 @@ pub fn drive(
             let mib = |b: u64| b / (1024 * 1024);
             let secs = started.elapsed().as_secs_f64().max(0.001);
             tracing::info!(step = %step, done_mib = mib(done), total_mib = mib(total), "progress");
-            let mut err = std::io::stderr().lock();
-            let _ = writeln!(
-                err,
-                "cryptfs: {step}: {:>3}% ({} of {} MiB, {:.1} MiB/s)",
+            let line = format!(
+                "{step}: {:>3}% ({} of {} MiB, {:.1} MiB/s)",
                 done * 100 / total,
                 mib(done),
                 mib(total),
                 done as f64 / (1024.0 * 1024.0) / secs
             );
+            let _ = writeln!(std::io::stderr().lock(), "cryptfs: {line}");
+            crate::notify::status(&line);
         }
         if done > 0 && done < total {
             failpoint::hit(&format!("{step}:mid"));

@@ -1,0 +1,809 @@
+//! The VM rig: real dm-crypt, a real TPM device and real reboots, under QEMU (TCG).
+//!
+//! Assets are made once per test binary and cached under the target directory: the Debian cloud
+//! kernel (downloaded with `apt-get download`, extracted, never installed) and an initramfs
+//! holding busybox, the project's `cryptfs`, e2fsprogs, b3sum, tpm2_pcrextend, the libraries
+//! `ldd` finds (plus the dlopen'ed TCTI), the dm/crypto/virtio modules, the project's
+//! initramfs-framework module and `init.sh`. A disk has an MBR with a boot partition (ext4,
+//! label `boot`) and a root partition (label `otaroot`). The guest reports `CRYPTFS-VM:` lines
+//! on the serial console.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::common;
+
+/// Where the kernel and the initramfs are cached.
+fn asset_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vm-assets")
+}
+
+const MIB: u64 = 1024 * 1024;
+/// Boot partition: offset and size in the disk image.
+pub const BOOT_OFFSET: u64 = MIB;
+pub const BOOT_SIZE: u64 = 32 * MIB;
+/// Root partition: offset in the disk image.
+pub const ROOT_OFFSET: u64 = BOOT_OFFSET + BOOT_SIZE;
+
+/// The unit whose ExecStart= the guest runs.
+const SERVICE_UNIT: &str = include_str!("../../units/cryptfs.service");
+const INITRAMFS_MODULE: &str = include_str!("../../units/initramfs-framework/cryptfs");
+const INIT_SH: &str = include_str!("init.sh");
+
+/// Kernel modules the guest loads (dependencies are added from modules.dep).
+const MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "dm_mod",
+    "dm_crypt",
+    "xts",
+    "aesni_intel",
+];
+/// Host programs copied into the initramfs, with their libraries.
+const PROGRAMS: &[&str] = &[
+    "/usr/sbin/e2fsck",
+    "/usr/sbin/resize2fs",
+    "/usr/bin/b3sum",
+    "/usr/bin/tpm2_pcrextend",
+];
+/// Libraries loaded with dlopen (invisible to ldd): the TCTI for /dev/tpmrm0.
+const DLOPENED: &[&str] = &["libtss2-tcti-device.so.0"];
+
+/// The kernel image and the initramfs.
+pub struct Assets {
+    /// vmlinuz.
+    pub kernel: PathBuf,
+    /// Uncompressed newc cpio.
+    pub initrd: PathBuf,
+}
+
+fn sh(program: &str, args: &[&str]) -> String {
+    String::from_utf8_lossy(&common::run(program, args).stdout).into_owned()
+}
+
+fn sh_in(dir: &Path, program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The extracted kernel package: (vmlinuz, modules root, version).
+fn kernel() -> (PathBuf, PathBuf, String) {
+    let dir = asset_dir().join("kernel");
+    let root = dir.join("root");
+    let find = || -> Option<(PathBuf, PathBuf, String)> {
+        let boot = std::fs::read_dir(root.join("boot")).ok()?;
+        for e in boot.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(version) = name.strip_prefix("vmlinuz-") {
+                if root
+                    .join("lib/modules")
+                    .join(version)
+                    .join("modules.dep")
+                    .exists()
+                {
+                    return Some((e.path(), root.clone(), version.to_string()));
+                }
+            }
+        }
+        None
+    };
+    if let Some(found) = find() {
+        return found;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("kernel dir");
+    // The meta package names the current kernel package; download both, install neither.
+    let fetched = Command::new("apt-get")
+        .args(["download", "-q", "linux-image-cloud-amd64"])
+        .current_dir(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !fetched {
+        // A machine whose package lists were never fetched.
+        sh("apt-get", &["update", "-qq"]);
+        sh_in(
+            &dir,
+            "apt-get",
+            &["download", "-q", "linux-image-cloud-amd64"],
+        );
+    }
+    let meta = std::fs::read_dir(&dir)
+        .expect("read")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".deb"))
+        .expect("meta package");
+    let depends = sh("dpkg-deb", &["-f", &meta.display().to_string(), "Depends"]);
+    let package = depends
+        .split([',', ' ', '('])
+        .find(|w| w.starts_with("linux-image-"))
+        .expect("kernel package name")
+        .to_string();
+    sh_in(&dir, "apt-get", &["download", "-q", &package]);
+    let deb = std::fs::read_dir(&dir)
+        .expect("read")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&package))
+        })
+        .expect("kernel package");
+    sh(
+        "dpkg-deb",
+        &[
+            "-x",
+            &deb.display().to_string(),
+            &root.display().to_string(),
+        ],
+    );
+    let version = package.trim_start_matches("linux-image-").to_string();
+    // The package has no modules.dep and the host no kmod: busybox makes it.
+    sh(
+        "busybox",
+        &["depmod", "-b", &root.display().to_string(), &version],
+    );
+    find().expect("kernel extracted")
+}
+
+fn copy_into(root: &Path, host: &Path) -> PathBuf {
+    // Keep the name (a soname or a multicall binary's argv[0]) but resolve the directory, so
+    // the merged-/usr symlinks of the image line up.
+    let dir = host
+        .parent()
+        .and_then(|d| d.canonicalize().ok())
+        .expect("host dir");
+    let name = host.file_name().expect("file name");
+    let target = root
+        .join(dir.strip_prefix("/").expect("absolute"))
+        .join(name);
+    if !target.exists() {
+        std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(host, &target).unwrap_or_else(|e| panic!("copy {}: {e}", host.display()));
+    }
+    target
+}
+
+/// Libraries of `binary` as ldd lists them (both `=> /path` and bare `/path` lines).
+fn libraries(binary: &Path) -> Vec<PathBuf> {
+    sh("ldd", &[&binary.display().to_string()])
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// Copies a program under `name` into /usr/bin of the image, with its libraries. Copied under
+/// the tool's name because tpm2-tools is one multicall binary.
+fn add_program(root: &Path, host: &Path, name: &str) {
+    std::fs::copy(host, root.join("usr/bin").join(name)).expect("copy program");
+    for lib in libraries(host) {
+        copy_into(root, &lib);
+    }
+}
+
+/// The ExecStart= of the unit, as the guest runs it.
+pub fn unit_exec_start() -> String {
+    SERVICE_UNIT
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart= in units/cryptfs.service")
+        .trim()
+        .to_string()
+}
+
+fn guest_config(resume: &str) -> String {
+    format!(
+        "device = \"/dev/vda2\"\nboot_dir = \"/boot\"\nmapping_name = \"otaroot\"\n\n[kek]\n\
+         kind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"device:/dev/tpmrm0\"\n\n[reencrypt]\n\
+         hotzone_size = 8388608\nresume = \"{resume}\"\n"
+    )
+}
+
+fn build_initramfs(kernel_root: &Path, version: &str, out: &Path) {
+    let root = out.with_extension("root");
+    let _ = std::fs::remove_dir_all(&root);
+    for d in [
+        "usr/bin",
+        "usr/sbin",
+        "usr/lib",
+        "usr/lib64",
+        "etc/cryptfs",
+        "init.d",
+    ] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    for (link, to) in [
+        ("bin", "usr/bin"),
+        ("sbin", "usr/sbin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
+        std::os::unix::fs::symlink(to, root.join(link)).expect("symlink");
+    }
+    for d in ["proc", "sys", "dev", "run", "tmp", "rootfs", "boot"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    // busybox and its applets (only where no real program of that name comes along).
+    let busybox = root.join("usr/bin/busybox");
+    std::fs::copy("/bin/busybox", &busybox).expect("busybox-static");
+    // The project's binary, without debug info (the initramfs is loaded into guest RAM).
+    let cryptfs = root.join("usr/bin/cryptfs");
+    sh(
+        "strip",
+        &["-o", &cryptfs.display().to_string(), common::BIN],
+    );
+    for lib in libraries(Path::new(common::BIN)) {
+        copy_into(&root, &lib);
+    }
+    for p in PROGRAMS {
+        let name = Path::new(p)
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let host = Path::new(p).canonicalize().expect("program installed");
+        add_program(&root, &host, &name);
+    }
+    for lib in DLOPENED {
+        let host = ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu"]
+            .iter()
+            .map(|d| Path::new(d).join(lib))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{lib} not installed"));
+        copy_into(&root, &host);
+        for dep in libraries(&host) {
+            copy_into(&root, &dep);
+        }
+    }
+    for applet in sh("busybox", &["--list"]).lines() {
+        let link = root.join("usr/bin").join(applet);
+        if !link.exists() && !root.join("usr/sbin").join(applet).exists() {
+            std::os::unix::fs::symlink("busybox", &link).expect("applet");
+        }
+    }
+    // Kernel modules: the wanted ones and everything modules.dep says they need.
+    let modules = kernel_root.join("lib/modules").join(version);
+    let dep = std::fs::read_to_string(modules.join("modules.dep")).expect("modules.dep");
+    let deps: Vec<(String, Vec<String>)> = dep
+        .lines()
+        .filter_map(|l| {
+            let (module, rest) = l.split_once(':')?;
+            Some((
+                module.to_string(),
+                rest.split_whitespace().map(String::from).collect(),
+            ))
+        })
+        .collect();
+    let stem = |p: &str| {
+        Path::new(p)
+            .file_name()
+            .map(|n| {
+                n.to_string_lossy()
+                    .trim_end_matches(".ko")
+                    .replace('-', "_")
+            })
+            .unwrap_or_default()
+    };
+    let mut wanted: BTreeSet<String> = BTreeSet::new();
+    for m in MODULES {
+        let (path, needs) = deps
+            .iter()
+            .find(|(p, _)| stem(p) == *m)
+            .unwrap_or_else(|| panic!("module {m} not in the kernel package"));
+        wanted.insert(path.clone());
+        wanted.extend(needs.iter().cloned());
+    }
+    let guest_modules = root.join("usr/lib/modules").join(version);
+    for m in &wanted {
+        let target = guest_modules.join(m);
+        std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(modules.join(m), &target).expect("module");
+    }
+    sh(
+        "busybox",
+        &[
+            "depmod",
+            "-b",
+            &root.join("usr").display().to_string(),
+            version,
+        ],
+    );
+    // The boot path: /init, the initramfs-framework module, configurations.
+    let init = INIT_SH.replace("@EXECSTART@", &unit_exec_start());
+    std::fs::write(root.join("init"), init).expect("init");
+    std::fs::write(root.join("init.d/85-cryptfs"), INITRAMFS_MODULE).expect("module");
+    for (name, resume) in [("blocking", "initramfs"), ("background", "background")] {
+        std::fs::write(
+            root.join(format!("etc/cryptfs/{name}.toml")),
+            guest_config(resume),
+        )
+        .expect("config");
+    }
+    sh("chmod", &["-R", "a+rX", &root.display().to_string()]);
+    sh(
+        "chmod",
+        &[
+            "+x",
+            &root.join("init").display().to_string(),
+            &root.join("init.d/85-cryptfs").display().to_string(),
+        ],
+    );
+    let cpio = format!(
+        "cd {} && find . | busybox cpio -o -H newc > {}",
+        root.display(),
+        out.display()
+    );
+    sh("sh", &["-c", &cpio]);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Kernel and initramfs, made once per test binary.
+pub fn assets() -> &'static Assets {
+    static ASSETS: OnceLock<Assets> = OnceLock::new();
+    ASSETS.get_or_init(|| {
+        let started = Instant::now();
+        assert!(
+            Path::new("/usr/bin/qemu-system-x86_64").exists(),
+            "qemu-system-x86_64 missing: run `cargo xtask deps`"
+        );
+        let (kernel, kernel_root, version) = kernel();
+        // Initramfs images of earlier runs (named by process id) are stale.
+        if let Ok(entries) = std::fs::read_dir(asset_dir()) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("initramfs-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let initrd = asset_dir().join(format!("initramfs-{}.cpio", std::process::id()));
+        build_initramfs(&kernel_root, &version, &initrd);
+        eprintln!(
+            "vm: kernel {version}, initramfs {} MiB, made in {:.1} s",
+            std::fs::metadata(&initrd)
+                .map(|m| m.len() >> 20)
+                .unwrap_or(0),
+            started.elapsed().as_secs_f64()
+        );
+        Assets { kernel, initrd }
+    })
+}
+
+/// What goes on the root partition.
+pub enum RootImage {
+    /// Plain ext4, label otaroot.
+    Plain,
+    /// LUKS2 made the reference's CI way (slot 31, well-known passphrase).
+    CiLuks,
+}
+
+/// A disk image: MBR, boot partition, root partition; plus the TPM state of its device.
+pub struct Disk {
+    /// Working directory (disk, TPM state, partition scratch files).
+    pub dir: tempfile::TempDir,
+    /// The disk image.
+    pub path: PathBuf,
+    /// Root partition size in bytes.
+    pub root_size: u64,
+    /// TPM state directory (persists across boots, like a real TPM).
+    pub tpm_state: PathBuf,
+    /// Boots so far.
+    pub boots: u32,
+}
+
+fn mbr(entries: &[(u64, u64)]) -> [u8; 512] {
+    let mut mbr = [0u8; 512];
+    mbr[440..444].copy_from_slice(&0x6372_7970u32.to_le_bytes());
+    for (i, (start, size)) in entries.iter().enumerate() {
+        let e = &mut mbr[446 + 16 * i..462 + 16 * i];
+        e[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        e[4] = 0x83;
+        e[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        e[8..12].copy_from_slice(&((start / 512) as u32).to_le_bytes());
+        e[12..16].copy_from_slice(&((size / 512) as u32).to_le_bytes());
+    }
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+    mbr
+}
+
+/// Files put on the root before the first boot (`/data/before-*.bin`, `before.b3`).
+pub const BEFORE_FILES: usize = 24;
+
+impl Disk {
+    /// A new disk with `root_mib` of root partition holding the "before" files.
+    pub fn new(image: RootImage, root_mib: u64) -> Disk {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("rootfs");
+        let data = src.join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        let mut manifest = String::new();
+        for i in 0..BEFORE_FILES {
+            let name = format!("before-{i}.bin");
+            let bytes = common::random_bytes(((i % 5) + 1) * 512 * 1024);
+            std::fs::write(data.join(&name), &bytes).expect("write");
+            manifest.push_str(&format!("{}  {name}\n", blake3::hash(&bytes).to_hex()));
+        }
+        std::fs::write(data.join("before.b3"), manifest).expect("manifest");
+        let root = dir.path().join("root.img");
+        match image {
+            RootImage::Plain => common::make_ext4(&root, root_mib, &src),
+            RootImage::CiLuks => {
+                common::make_ci_image(&root, root_mib, &src, common::CI_PASSPHRASE)
+            }
+        }
+        let boot = dir.path().join("boot.img");
+        std::fs::File::create(&boot)
+            .and_then(|f| f.set_len(BOOT_SIZE))
+            .expect("boot image");
+        sh(
+            "mkfs.ext4",
+            &["-q", "-F", "-L", "boot", &boot.display().to_string()],
+        );
+        let root_size = root_mib * MIB;
+        let path = dir.path().join("disk.img");
+        {
+            let mut disk = std::fs::File::create(&path).expect("disk");
+            disk.write_all(&mbr(&[(BOOT_OFFSET, BOOT_SIZE), (ROOT_OFFSET, root_size)]))
+                .expect("mbr");
+            disk.set_len(ROOT_OFFSET + root_size).expect("size");
+            disk.seek(SeekFrom::Start(BOOT_OFFSET)).expect("seek");
+            disk.write_all(&std::fs::read(&boot).expect("boot"))
+                .expect("boot");
+            disk.seek(SeekFrom::Start(ROOT_OFFSET)).expect("seek");
+            disk.write_all(&std::fs::read(&root).expect("root"))
+                .expect("root");
+        }
+        let _ = std::fs::remove_file(&root);
+        let _ = std::fs::remove_file(&boot);
+        let _ = std::fs::remove_dir_all(&src);
+        let tpm_state = dir.path().join("tpm");
+        std::fs::create_dir_all(&tpm_state).expect("tpm dir");
+        sh(
+            "swtpm_setup",
+            &[
+                "--tpm2",
+                "--tpmstate",
+                &tpm_state.display().to_string(),
+                "--createek",
+                "--overwrite",
+            ],
+        );
+        Disk {
+            dir,
+            path,
+            root_size,
+            tpm_state,
+            boots: 0,
+        }
+    }
+
+    /// The bytes of the root partition.
+    pub fn root_bytes(&self) -> Vec<u8> {
+        let mut f = std::fs::File::open(&self.path).expect("disk");
+        f.seek(SeekFrom::Start(ROOT_OFFSET)).expect("seek");
+        let mut buf = vec![0u8; self.root_size as usize];
+        f.read_exact(&mut buf).expect("read root");
+        buf
+    }
+
+    /// blake3 of the root partition.
+    pub fn root_digest(&self) -> String {
+        blake3::hash(&self.root_bytes()).to_hex().to_string()
+    }
+
+    /// Copies the root partition to a file (host-side LUKS2 inspection).
+    pub fn extract_root(&self) -> PathBuf {
+        let out = self.dir.path().join("root-extracted.img");
+        std::fs::write(&out, self.root_bytes()).expect("extract");
+        out
+    }
+
+    /// Overwrites `bytes` at `offset` of the root partition.
+    pub fn write_root(&self, offset: u64, bytes: &[u8]) {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .expect("disk");
+        f.seek(SeekFrom::Start(ROOT_OFFSET + offset)).expect("seek");
+        f.write_all(bytes).expect("write");
+        f.sync_all().expect("sync");
+    }
+
+    /// Runs `f` on the boot partition as a file (e2fsprogs work), then writes it back.
+    pub fn with_boot_partition(&self, f: impl FnOnce(&Path)) {
+        let part = self.dir.path().join("boot-extracted.img");
+        let mut disk = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .expect("disk");
+        let mut buf = vec![0u8; BOOT_SIZE as usize];
+        disk.seek(SeekFrom::Start(BOOT_OFFSET)).expect("seek");
+        disk.read_exact(&mut buf).expect("read");
+        std::fs::write(&part, &buf).expect("write");
+        f(&part);
+        let buf = std::fs::read(&part).expect("read back");
+        disk.seek(SeekFrom::Start(BOOT_OFFSET)).expect("seek");
+        disk.write_all(&buf).expect("write back");
+        disk.sync_all().expect("sync");
+    }
+
+    /// Boots the disk once.
+    pub fn boot(&mut self, opts: &BootOptions) -> Boot {
+        self.boots += 1;
+        boot(self, opts)
+    }
+}
+
+/// How to boot.
+pub struct BootOptions {
+    /// `blocking` or `background` (the guest configuration to use).
+    pub config: &'static str,
+    /// Attach the TPM device.
+    pub tpm: bool,
+    /// Extend PCR 7 in the guest before cryptfs runs.
+    pub extend_pcr7: bool,
+    /// Kill QEMU (power cut) `cut_delay` after the first console line for which this returns
+    /// true.
+    pub cut_when: Option<fn(&str) -> bool>,
+    /// See `cut_when`: a delay lands the cut inside the work that follows the line.
+    pub cut_delay: Duration,
+}
+
+impl Default for BootOptions {
+    fn default() -> Self {
+        BootOptions {
+            config: "blocking",
+            tpm: true,
+            extend_pcr7: false,
+            cut_when: None,
+            cut_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// What one boot printed.
+pub struct Boot {
+    /// The serial console, line by line.
+    pub lines: Vec<String>,
+    /// Whether the host cut the power.
+    pub cut: bool,
+    /// Wall time of the boot.
+    pub elapsed: Duration,
+}
+
+impl Boot {
+    /// `CRYPTFS-VM:` marker payloads.
+    pub fn markers(&self) -> Vec<&str> {
+        self.lines
+            .iter()
+            .filter_map(|l| l.split_once("CRYPTFS-VM: ").map(|(_, m)| m.trim()))
+            .collect()
+    }
+
+    /// The payload of the first marker starting with `prefix`.
+    pub fn marker(&self, prefix: &str) -> Option<&str> {
+        self.markers().into_iter().find(|m| m.starts_with(prefix))
+    }
+
+    /// Whether any console line contains `needle`.
+    pub fn saw(&self, needle: &str) -> bool {
+        self.lines.iter().any(|l| l.contains(needle))
+    }
+
+    /// The whole console, for assertion messages.
+    pub fn console(&self) -> String {
+        self.lines.join("\n")
+    }
+
+    /// Seconds from kernel start to the root mounted from the mapping.
+    pub fn mounted_after(&self) -> Option<f64> {
+        self.marker("mounted uptime=")?
+            .trim_start_matches("mounted uptime=")
+            .parse()
+            .ok()
+    }
+
+    /// The last re-encryption rate cryptfs printed (MiB/s), for `step`.
+    pub fn rate(&self, step: &str) -> Option<f64> {
+        self.lines
+            .iter()
+            .rev()
+            .find(|l| l.contains(&format!("cryptfs: {step}:")) && l.contains("MiB/s"))
+            .and_then(|l| {
+                l.rsplit_once(", ")?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
+
+fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
+    let assets = assets();
+    let started = Instant::now();
+    let mut swtpm = None;
+    let sock = disk.tpm_state.join("swtpm-sock");
+    if opts.tpm {
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new("swtpm")
+            .args([
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                &format!("dir={}", disk.tpm_state.display()),
+                "--ctrl",
+                &format!("type=unixio,path={}", sock.display()),
+                "--terminate",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("swtpm");
+        swtpm = Some(KillOnDrop(child));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "swtpm socket did not appear");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet cryptfs.vm.boot={} cryptfs.vm.config={} cryptfs.vm.extend_pcr7={} \
+         cryptfs.vm.debug={}",
+        disk.boots,
+        opts.config,
+        u8::from(opts.extend_pcr7),
+        u8::from(std::env::var_os("CRYPTFS_VM_DEBUG").is_some())
+    );
+    let mut args: Vec<String> = [
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-smp",
+        "1",
+        "-m",
+        "512",
+        "-nographic",
+        "-no-reboot",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend([
+        "-kernel".into(),
+        assets.kernel.display().to_string(),
+        "-initrd".into(),
+        assets.initrd.display().to_string(),
+        "-append".into(),
+        append,
+        "-drive".into(),
+        format!(
+            "file={},format=raw,if=virtio,cache=writeback",
+            disk.path.display()
+        ),
+    ]);
+    if opts.tpm {
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=chrtpm,path={}", sock.display()),
+            "-tpmdev".into(),
+            "emulator,id=tpm0,chardev=chrtpm".into(),
+            "-device".into(),
+            "tpm-tis,tpmdev=tpm0".into(),
+        ]);
+    }
+    let mut qemu = KillOnDrop(
+        Command::new("qemu-system-x86_64")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu-system-x86_64"),
+    );
+    let stdout = qemu.0.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let tag = disk
+        .dir
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut lines = Vec::new();
+    let mut cut = false;
+    let mut cut_at: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if cut_at.is_some_and(|t| now >= t) {
+            // Power cut: the guest gets no chance to flush anything.
+            let _ = qemu.0.kill();
+            cut = true;
+            break;
+        }
+        let remaining = BOOT_TIMEOUT.saturating_sub(started.elapsed());
+        assert!(
+            !remaining.is_zero(),
+            "VM boot timed out after {BOOT_TIMEOUT:?}:\n{}",
+            lines.join("\n")
+        );
+        let wait = cut_at.map_or(remaining, |t| {
+            remaining.min(t.saturating_duration_since(now))
+        });
+        match rx.recv_timeout(wait) {
+            Ok(line) => {
+                let line = line.trim_end_matches('\r').to_string();
+                eprintln!("[vm {tag}#{}] {line}", disk.boots);
+                if cut_at.is_none() && opts.cut_when.is_some_and(|f| f(&line)) {
+                    cut_at = Some(Instant::now() + opts.cut_delay);
+                }
+                lines.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+        }
+    }
+    let status = qemu.0.wait().expect("qemu wait");
+    let _ = reader.join();
+    if !cut {
+        let mut err = String::new();
+        if let Some(mut e) = qemu.0.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        assert!(status.success(), "qemu failed ({status}): {err}");
+    }
+    drop(swtpm);
+    Boot {
+        lines,
+        cut,
+        elapsed: started.elapsed(),
+    }
+}
