@@ -79,6 +79,11 @@ fn the_service_is_non_blocking_low_priority_and_restart_safe() {
     assert_eq!(directive("NotifyAccess"), Some("main"), "STATUS= progress");
     assert_eq!(directive("Restart"), Some("on-failure"));
     assert_eq!(directive("KillMode"), Some("mixed"));
+    assert_eq!(
+        directive("SuccessExitStatus").map(str::parse::<u8>),
+        Some(Ok(cryptfs::StoppedOnRequest::EXIT_CODE)),
+        "a stop between hotzones is not a failure"
+    );
     assert!(
         directive("Before").is_none(),
         "nothing may be ordered after it"

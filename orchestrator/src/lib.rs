@@ -23,3 +23,18 @@ pub mod unlock;
 
 /// Everything that can stop cryptfs, with the context a user needs to act on it.
 pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
+
+/// A long step stopped cleanly between two hotzones because SIGTERM/SIGINT asked for it; the
+/// next start resumes it. Not a failure: the binary exits with [`StoppedOnRequest::EXIT_CODE`],
+/// which the unit lists in `SuccessExitStatus=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{step} stopped on request between two hotzones; it resumes at the next start")]
+pub struct StoppedOnRequest {
+    /// The step that stopped.
+    pub step: cryptfs_states::Step,
+}
+
+impl StoppedOnRequest {
+    /// `EX_TEMPFAIL` of sysexits.h: try again later.
+    pub const EXIT_CODE: u8 = 75;
+}

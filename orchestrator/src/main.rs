@@ -29,6 +29,10 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            if let Some(stopped) = err.downcast_ref::<cryptfs::StoppedOnRequest>() {
+                eprintln!("cryptfs: {stopped}");
+                return ExitCode::from(cryptfs::StoppedOnRequest::EXIT_CODE);
+            }
             eprintln!("cryptfs: error: {err:#}");
             ExitCode::FAILURE
         }

@@ -241,6 +241,16 @@ pub fn run(
             state,
         };
         if let Err(err) = steps::run(step, &mut ctx, &probe) {
+            if err.downcast_ref::<crate::StoppedOnRequest>().is_some() {
+                // The intent stays open: the next start resumes the step.
+                rec.note(
+                    "stopped-on-request",
+                    Some(state),
+                    Journal::details([("step", Value::from(step.name()))]),
+                )?;
+                crate::notify::status(&format!("{step}: stopped, resumes at the next start"));
+                return Err(err);
+            }
             let message = format!("{err:#}");
             if let Err(journal_err) = rec.failed(step, state, &message) {
                 tracing::error!("could not journal the failure: {journal_err:#}");

@@ -73,6 +73,10 @@ check && mark "files-ok-at-mount $(cat during.b3 2>/dev/null | wc -l)" || mark "
 # The userspace stage: the unit's ExecStart=, in the background like Type=exec.
 @EXECSTART@ &
 service=$!
+started=$(cut -d. -f1 /proc/uptime)
+# Optionally stop it like `systemctl stop`/a restart does (SIGTERM to the main process) after
+# some seconds, then start it again as Restart= would: it must pick up where it stopped.
+restart_after=$(arg cryptfs.vm.restart_after)
 n=0
 bad=0
 while kill -0 "$service" 2>/dev/null; do
@@ -83,6 +87,15 @@ while kill -0 "$service" 2>/dev/null; do
 	b3sum "$f" >>during.b3
 	sync
 	check || bad=$((bad + 1))
+	now=$(cut -d. -f1 /proc/uptime)
+	if [ -n "$restart_after" ] && [ $((now - started)) -ge "$restart_after" ]; then
+		restart_after=""
+		kill -TERM "$service"
+		wait "$service"
+		mark "service-stopped rc=$? after $((now - started)) s"
+		@EXECSTART@ &
+		service=$!
+	fi
 done
 wait "$service"
 rc=$?

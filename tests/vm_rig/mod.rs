@@ -492,6 +492,33 @@ impl Disk {
                 "--overwrite",
             ],
         );
+        // Dictionary-attack parameters of a real TPM (32 tries; libtpms defaults to 3, and
+        // every power cut while the KEK was in use counts as a failure against systemd's
+        // DA-protected storage primary), with a short recovery time for the tests.
+        let tpm = common::Swtpm::start_on(&tpm_state);
+        for args in [
+            &[
+                "tpm2_dictionarylockout",
+                "--setup-parameters",
+                "--max-tries=32",
+                "--recovery-time=10",
+                "--lockout-recovery-time=10",
+            ][..],
+            &["tpm2_shutdown"][..],
+        ] {
+            let out = Command::new(args[0])
+                .args(&args[1..])
+                .env("TPM2TOOLS_TCTI", tpm.tcti())
+                .output()
+                .expect("tpm2-tools");
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                args[0],
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tpm.stop();
         Disk {
             dir,
             path,
@@ -572,6 +599,9 @@ pub struct BootOptions {
     pub cut_when: Option<fn(&str) -> bool>,
     /// See `cut_when`: a delay lands the cut inside the work that follows the line.
     pub cut_delay: Duration,
+    /// Stop the userspace service (SIGTERM) this many seconds after it started, then start it
+    /// again, as a restart does.
+    pub restart_service_after: Option<u32>,
 }
 
 impl Default for BootOptions {
@@ -582,6 +612,7 @@ impl Default for BootOptions {
             extend_pcr7: false,
             cut_when: None,
             cut_delay: Duration::ZERO,
+            restart_service_after: None,
         }
     }
 }
@@ -686,11 +717,14 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
     }
     let append = format!(
         "console=ttyS0 panic=-1 quiet cryptfs.vm.boot={} cryptfs.vm.config={} cryptfs.vm.extend_pcr7={} \
-         cryptfs.vm.debug={}",
+         cryptfs.vm.debug={}{}",
         disk.boots,
         opts.config,
         u8::from(opts.extend_pcr7),
-        u8::from(std::env::var_os("CRYPTFS_VM_DEBUG").is_some())
+        u8::from(std::env::var_os("CRYPTFS_VM_DEBUG").is_some()),
+        opts.restart_service_after
+            .map(|s| format!(" cryptfs.vm.restart_after={s}"))
+            .unwrap_or_default()
     );
     let mut args: Vec<String> = [
         "-accel",

@@ -232,7 +232,21 @@ impl Tpm2Protector {
         let primary = create_primary(ctx, flush)?;
         let object = ctx
             .execute_with_nullauth_session(|ctx| ctx.load(primary, private, public))
-            .context("TPM refused to load the sealed KEK (made by another TPM?)")?;
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("lockout") {
+                    // systemd's storage primary is DA-protected: failed authorizations and
+                    // power cuts while it was in use count against it.
+                    anyhow!(
+                        "the TPM is in dictionary-attack lockout ({text}): too many failed \
+                         authorizations or power cuts while the KEK was in use; it clears by \
+                         itself after the TPM's lockout recovery time, or at once with the \
+                         lockout authorization (`tpm2_dictionarylockout --clear-lockout`)"
+                    )
+                } else {
+                    anyhow!("TPM refused to load the sealed KEK (made by another TPM?): {text}")
+                }
+            })?;
         flush.0.push(object.into());
         let selection = self.selection(pcrs)?;
         let (session, policy) = start_session(ctx, SessionType::Policy, flush)?;

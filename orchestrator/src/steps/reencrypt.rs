@@ -288,7 +288,7 @@ pub fn drive(
     let meta = crate::probe::luks2(&dev, "during re-encryption")?;
     if meta.reencrypt_mode().is_some() {
         if ctx.stop.load(Ordering::SeqCst) {
-            bail!("{step} stopped on request; it resumes at the next start");
+            return Err(crate::StoppedOnRequest { step }.into());
         }
         bail!("{step} ended but the header still requires re-encryption");
     }
