@@ -35,6 +35,27 @@ pub enum JournalError {
         #[source]
         source: ChainError,
     },
+    /// Another process (a second `cryptfs run`) has the journal open for writing.
+    #[error(
+        "journal {path} is held by another cryptfs process (waited {}s): another `cryptfs run` \
+         is in progress; let it finish (`cryptfs status` shows what it does) and retry",
+        waited.as_secs()
+    )]
+    Busy {
+        /// The database file.
+        path: PathBuf,
+        /// How long this process waited for it.
+        waited: std::time::Duration,
+    },
+    /// Reading or copying the journal failed.
+    #[error("journal {path}: {source}")]
+    Io {
+        /// The database file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A damaged journal could not be moved aside.
     #[error("could not move damaged journal {path} aside: {source}")]
     MoveAside {

@@ -14,4 +14,4 @@ mod store;
 pub use chain::{verify_chain, ChainError, GENESIS};
 pub use error::JournalError;
 pub use record::{Phase, Record, RecordBody};
-pub use store::{Journal, Recovery};
+pub use store::{Journal, Recovery, Snapshot};

@@ -2,8 +2,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Builder, ConcurrencyMode, Database, DatabaseError, ReadableDatabase, ReadableTable,
+    StorageError, TableDefinition,
+};
 
 use crate::chain::{verify_chain, GENESIS};
 use crate::error::JournalError;
@@ -20,11 +24,33 @@ pub struct Recovery {
     pub reason: String,
 }
 
-/// An open journal.
+/// The records of a journal as a read-only reader saw them (see [`Journal::read_only`]).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// All records, oldest first; the chain verified.
+    pub records: Vec<Record>,
+    /// The file was left unclean by a process that died; the records were read from a
+    /// repaired private copy.
+    pub unclean: bool,
+}
+
+/// An open journal (the one writer).
 pub struct Journal {
     path: PathBuf,
     db: Database,
     records: Vec<Record>,
+}
+
+impl AsRef<[Record]> for Journal {
+    fn as_ref(&self) -> &[Record] {
+        &self.records
+    }
+}
+
+impl AsRef<[Record]> for Snapshot {
+    fn as_ref(&self) -> &[Record] {
+        &self.records
+    }
 }
 
 impl std::fmt::Debug for Journal {
@@ -36,43 +62,184 @@ impl std::fmt::Debug for Journal {
     }
 }
 
+/// How long a writer waits between two tries to open a journal another process holds.
+const BUSY_RETRY: Duration = Duration::from_millis(100);
+
+/// Every handle, writer or reader, uses redb's single-writer mode: one process writes and any
+/// number of read-only handles (`cryptfs status`) follow its commits without ever locking the
+/// writer out. A second writer is refused with `DatabaseAlreadyOpen`.
+fn builder() -> Builder {
+    let mut builder = Builder::new();
+    builder.set_concurrency_mode(ConcurrencyMode::SingleWriter);
+    builder
+}
+
+/// Why an open failed, in the three kinds a caller must tell apart.
+enum OpenFailure {
+    /// Another process has the journal open for writing: wait, never treat as damage.
+    Busy,
+    /// The bytes are not a journal cryptfs can trust: the only case that is kept aside.
+    Damaged(JournalError),
+    /// Anything else (I/O, permissions): reported as it is, nothing moved.
+    Other(JournalError),
+}
+
+fn classify(path: &Path, err: DatabaseError) -> OpenFailure {
+    match err {
+        DatabaseError::DatabaseAlreadyOpen
+        | DatabaseError::LockProtocolMismatch
+        | DatabaseError::TransactionInProgress => OpenFailure::Busy,
+        DatabaseError::Storage(StorageError::Corrupted(_)) | DatabaseError::UpgradeRequired(_) => {
+            OpenFailure::Damaged(JournalError::db(path, err))
+        }
+        DatabaseError::Storage(StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::InvalidData
+                || io.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            // redb reports "this file holds no redb database" as InvalidData.
+            OpenFailure::Damaged(JournalError::db(
+                path,
+                DatabaseError::Storage(StorageError::Io(io)),
+            ))
+        }
+        other => OpenFailure::Other(JournalError::db(path, other)),
+    }
+}
+
 impl Journal {
-    /// Opens the journal at `path`, creating it if absent, and verifies its chain.
+    /// Opens the journal at `path` for writing, creating it if absent, and verifies its chain.
     ///
-    /// A file redb cannot open, or whose chain is broken, is renamed to
-    /// `<path>.damaged-<unix ms>` and replaced by an empty journal; the returned [`Recovery`]
-    /// says so, and the caller rebuilds its view from the device. Nothing is ever deleted.
+    /// Another process holding the journal for writing (a second `cryptfs run`) is waited for,
+    /// up to `wait`, then refused with [`JournalError::Busy`]: never mistaken for damage. Read-only
+    /// handles (`cryptfs status`) never block it. A file whose bytes are not a journal, or whose
+    /// chain is broken, is renamed to `<path>.damaged-<unix ms>` and replaced by an empty journal;
+    /// the returned [`Recovery`] says so, and the caller rebuilds its view from the device.
+    /// Nothing is ever deleted. I/O errors are returned as they are.
     pub fn open_or_recover(
         path: &Path,
         now_unix_ms: u64,
+        wait: Duration,
     ) -> Result<(Journal, Option<Recovery>), JournalError> {
-        if !path.exists() {
-            return Ok((Self::create(path)?, None));
-        }
-        match Self::open_verified(path) {
-            Ok(journal) => Ok((journal, None)),
-            Err(err) => {
-                let reason = err.to_string();
-                let mut aside = path.as_os_str().to_owned();
-                aside.push(format!(".damaged-{now_unix_ms}"));
-                let kept_aside = PathBuf::from(aside);
-                std::fs::rename(path, &kept_aside).map_err(|source| JournalError::MoveAside {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                let journal = Self::create(path)?;
-                Ok((journal, Some(Recovery { kept_aside, reason })))
+        let started = Instant::now();
+        loop {
+            let attempt = if path.exists() {
+                Self::open_writer(path)
+            } else {
+                Self::create(path)
+            };
+            match attempt {
+                Ok(journal) => return Ok((journal, None)),
+                Err(OpenFailure::Busy) if started.elapsed() < wait => {
+                    std::thread::sleep(BUSY_RETRY)
+                }
+                Err(OpenFailure::Busy) => {
+                    return Err(JournalError::Busy {
+                        path: path.to_path_buf(),
+                        waited: started.elapsed(),
+                    })
+                }
+                Err(OpenFailure::Other(err)) => return Err(err),
+                Err(OpenFailure::Damaged(err)) => {
+                    let journal = Self::set_aside_and_create(path, now_unix_ms, "damaged")?;
+                    let kept_aside = journal.1;
+                    return Ok((
+                        journal.0,
+                        Some(Recovery {
+                            kept_aside,
+                            reason: err.to_string(),
+                        }),
+                    ));
+                }
             }
         }
     }
 
-    /// Opens an existing journal read-only-in-spirit and verifies it; never recovers.
+    /// Renames the journal at `path` to `<path>.<why>-<unix ms>` (never deletes it) and creates
+    /// an empty one in its place; returns the new journal and where the old one went.
+    pub fn set_aside_and_create(
+        path: &Path,
+        now_unix_ms: u64,
+        why: &str,
+    ) -> Result<(Journal, PathBuf), JournalError> {
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(format!(".{why}-{now_unix_ms}"));
+        let kept_aside = PathBuf::from(aside);
+        std::fs::rename(path, &kept_aside).map_err(|source| JournalError::MoveAside {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        match Self::create(path) {
+            Ok(journal) => Ok((journal, kept_aside)),
+            Err(OpenFailure::Busy) => Err(JournalError::Busy {
+                path: path.to_path_buf(),
+                waited: Duration::ZERO,
+            }),
+            Err(OpenFailure::Damaged(err) | OpenFailure::Other(err)) => Err(err),
+        }
+    }
+
+    /// Opens an existing journal for writing and verifies it; never recovers, never waits.
     pub fn open_verified(path: &Path) -> Result<Journal, JournalError> {
-        let db = Database::open(path).map_err(|e| JournalError::db(path, e))?;
-        let records = Self::load(path, &db)?;
+        Self::open_writer(path).map_err(|failure| match failure {
+            OpenFailure::Busy => JournalError::Busy {
+                path: path.to_path_buf(),
+                waited: Duration::ZERO,
+            },
+            OpenFailure::Damaged(err) | OpenFailure::Other(err) => err,
+        })
+    }
+
+    /// Reads every record of the journal at `path` without writing anything and without
+    /// taking a lock a writer could trip over; the chain is verified.
+    ///
+    /// While a `cryptfs run` has the journal open this sees its commits so far. A file left
+    /// unclean by a process that died (which redb repairs on the next writer's open) is read
+    /// from a private copy in the temporary directory, repaired there; the original is never
+    /// touched.
+    pub fn read_only(path: &Path) -> Result<Snapshot, JournalError> {
+        let records = match builder().open_read_only(path) {
+            Ok(db) => Self::load(path, &db)?,
+            Err(DatabaseError::RepairAborted) => {
+                let copy = tempfile::Builder::new()
+                    .prefix("cryptfs-journal-")
+                    .tempfile()
+                    .map_err(|source| JournalError::Io {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                std::fs::copy(path, copy.path()).map_err(|source| JournalError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let db = Database::open(copy.path()).map_err(|e| JournalError::db(path, e))?;
+                let records = Self::load(path, &db)?;
+                return Self::verified_snapshot(path, records, true);
+            }
+            Err(err) => return Err(JournalError::db(path, err)),
+        };
+        Self::verified_snapshot(path, records, false)
+    }
+
+    fn verified_snapshot(
+        path: &Path,
+        records: Vec<Record>,
+        unclean: bool,
+    ) -> Result<Snapshot, JournalError> {
         verify_chain(&records).map_err(|source| JournalError::Chain {
             path: path.to_path_buf(),
             source,
+        })?;
+        Ok(Snapshot { records, unclean })
+    }
+
+    fn open_writer(path: &Path) -> Result<Journal, OpenFailure> {
+        let db = builder().open(path).map_err(|e| classify(path, e))?;
+        let records = Self::load(path, &db).map_err(OpenFailure::Damaged)?;
+        verify_chain(&records).map_err(|source| {
+            OpenFailure::Damaged(JournalError::Chain {
+                path: path.to_path_buf(),
+                source,
+            })
         })?;
         Ok(Journal {
             path: path.to_path_buf(),
@@ -81,12 +248,12 @@ impl Journal {
         })
     }
 
-    fn create(path: &Path) -> Result<Journal, JournalError> {
-        let db = Database::create(path).map_err(|e| JournalError::db(path, e))?;
-        let txn = db.begin_write().map_err(|e| JournalError::db(path, e))?;
-        txn.open_table(RECORDS)
-            .map_err(|e| JournalError::db(path, e))?;
-        txn.commit().map_err(|e| JournalError::db(path, e))?;
+    fn create(path: &Path) -> Result<Journal, OpenFailure> {
+        let db = builder().create(path).map_err(|e| classify(path, e))?;
+        let fail = |e: redb::Error| OpenFailure::Other(JournalError::db(path, e));
+        let txn = db.begin_write().map_err(|e| fail(e.into()))?;
+        txn.open_table(RECORDS).map_err(|e| fail(e.into()))?;
+        txn.commit().map_err(|e| fail(e.into()))?;
         Ok(Journal {
             path: path.to_path_buf(),
             db,
@@ -94,11 +261,14 @@ impl Journal {
         })
     }
 
-    fn load(path: &Path, db: &Database) -> Result<Vec<Record>, JournalError> {
+    fn load(path: &Path, db: &impl ReadableDatabase) -> Result<Vec<Record>, JournalError> {
         let txn = db.begin_read().map_err(|e| JournalError::db(path, e))?;
-        let table = txn
-            .open_table(RECORDS)
-            .map_err(|e| JournalError::db(path, e))?;
+        let table = match txn.open_table(RECORDS) {
+            Ok(table) => table,
+            // A journal caught between its creation and its first commit holds nothing yet.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(JournalError::db(path, e)),
+        };
         let mut out = Vec::new();
         for entry in table.iter().map_err(|e| JournalError::db(path, e))? {
             let (key, value) = entry.map_err(|e| JournalError::db(path, e))?;

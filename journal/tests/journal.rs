@@ -4,6 +4,8 @@ use cryptfs_journal::{Journal, Phase, RecordBody, GENESIS};
 use cryptfs_states::ProvisioningState;
 use redb::{Database, ReadableTable, TableDefinition};
 
+const WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+
 fn body(step: &str, phase: Phase) -> RecordBody {
     RecordBody {
         seq: 0,
@@ -24,7 +26,7 @@ fn records_chain_and_survive_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("journal.redb");
     {
-        let (mut j, rec) = Journal::open_or_recover(&path, 1).expect("create");
+        let (mut j, rec) = Journal::open_or_recover(&path, 1, WAIT).expect("create");
         assert!(rec.is_none());
         j.append(body("enroll-kek", Phase::Intent)).expect("append");
         j.append(body("enroll-kek", Phase::Done)).expect("append");
@@ -46,7 +48,7 @@ fn altered_record_is_detected_and_the_file_kept_aside() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("journal.redb");
     {
-        let (mut j, _) = Journal::open_or_recover(&path, 1).expect("create");
+        let (mut j, _) = Journal::open_or_recover(&path, 1, WAIT).expect("create");
         for step in ["a", "b", "c"] {
             j.append(body(step, Phase::Done)).expect("append");
         }
@@ -67,7 +69,7 @@ fn altered_record_is_detected_and_the_file_kept_aside() {
     }
     let err = Journal::open_verified(&path).expect_err("must fail");
     assert!(err.to_string().contains("record 1 was altered"), "{err}");
-    let (j, rec) = Journal::open_or_recover(&path, 42).expect("recover");
+    let (j, rec) = Journal::open_or_recover(&path, 42, WAIT).expect("recover");
     let rec = rec.expect("recovery reported");
     assert!(rec
         .kept_aside
@@ -82,7 +84,7 @@ fn garbage_file_is_recovered_not_fatal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("journal.redb");
     std::fs::write(&path, vec![0x5a; 8192]).expect("write");
-    let (mut j, rec) = Journal::open_or_recover(&path, 7).expect("recover");
+    let (mut j, rec) = Journal::open_or_recover(&path, 7, WAIT).expect("recover");
     assert!(rec.is_some());
     j.append(body("a", Phase::Note))
         .expect("append works on the fresh journal");
@@ -95,7 +97,7 @@ fn removed_record_breaks_the_chain() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("journal.redb");
     {
-        let (mut j, _) = Journal::open_or_recover(&path, 1).expect("create");
+        let (mut j, _) = Journal::open_or_recover(&path, 1, WAIT).expect("create");
         for step in ["a", "b", "c"] {
             j.append(body(step, Phase::Done)).expect("append");
         }
@@ -119,4 +121,61 @@ fn removed_record_breaks_the_chain() {
     }
     let err = Journal::open_verified(&path).expect_err("must fail");
     assert!(err.to_string().contains("sequence number"), "{err}");
+}
+
+#[test]
+fn a_second_writer_is_refused_as_busy_and_nothing_is_moved() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal.redb");
+    let (mut first, _) = Journal::open_or_recover(&path, 1, WAIT).expect("create");
+    first.append(body("a", Phase::Intent)).expect("append");
+    let started = std::time::Instant::now();
+    let err = Journal::open_or_recover(&path, 2, WAIT).expect_err("second writer refused");
+    assert!(
+        matches!(err, cryptfs_journal::JournalError::Busy { .. }),
+        "{err}"
+    );
+    assert!(started.elapsed() >= WAIT, "it waited before giving up");
+    assert!(
+        err.to_string().contains("held by another cryptfs process"),
+        "{err}"
+    );
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["journal.redb".to_string()],
+        "nothing kept aside"
+    );
+    // The first writer is unaffected.
+    first
+        .append(body("a", Phase::Done))
+        .expect("append after refusal");
+    drop(first);
+    let (again, rec) = Journal::open_or_recover(&path, 3, WAIT).expect("free again");
+    assert!(rec.is_none());
+    assert_eq!(again.records().len(), 2);
+}
+
+#[test]
+fn a_reader_follows_a_live_writer_without_blocking_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal.redb");
+    let (mut writer, _) = Journal::open_or_recover(&path, 1, WAIT).expect("create");
+    let mut seen = Vec::new();
+    for i in 0..20 {
+        writer
+            .append(body("step", Phase::Progress))
+            .expect("append");
+        let snap = Journal::read_only(&path).expect("reader opens beside the writer");
+        assert!(!snap.unclean);
+        seen.push(snap.records.len());
+        assert_eq!(snap.records.len(), i + 1, "reader sees every commit so far");
+    }
+    assert_eq!(seen.len(), 20);
+    // The reader never took the writer's place: appends still work, and a reader is not a writer.
+    writer.append(body("step", Phase::Done)).expect("append");
+    assert_eq!(Journal::read_only(&path).expect("read").records.len(), 21);
 }

@@ -15,6 +15,7 @@ pub mod notify;
 pub mod plaintext;
 pub mod probe;
 pub mod record;
+pub mod reencrypt_progress;
 pub mod runner;
 pub mod secret;
 pub mod status;

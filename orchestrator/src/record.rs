@@ -1,13 +1,20 @@
 //! The orchestrator's side of the journal: who writes (boot id, stage), and the facts read back.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use cryptfs_journal::{Journal, Phase, Record, RecordBody, Recovery};
-use cryptfs_states::{JournalFacts, ProvisioningState, Step, VolumeKeyOrigin};
+use cryptfs_states::{
+    DeviceIdentity, JournalBinding, JournalFacts, ProvisioningState, Step, VolumeKeyOrigin,
+};
 use serde_json::Value;
 
 use crate::kek::SealedKek;
+use crate::probe::{Content, Probe};
+
+/// How long a run waits for a journal another `cryptfs run` holds before it gives up.
+pub const JOURNAL_WAIT: Duration = Duration::from_secs(10);
 
 /// Detail keys used in records.
 pub mod keys {
@@ -29,6 +36,47 @@ pub mod keys {
     pub const TOTAL_BYTES: &str = "total_bytes";
     /// On a reconciled `done`: the boot in which the step's effect happened.
     pub const EFFECT_BOOT_ID: &str = "effect_boot_id";
+    /// The identity of the device a record was made for ([`cryptfs_states::DeviceIdentity`]).
+    pub const DEVICE: &str = "device";
+    /// In the `encrypt-in-place` intent: the UUID the LUKS2 header being made will carry.
+    pub const LUKS_UUID: &str = "luks_uuid";
+}
+
+/// The identity of the device as `probe` saw it, when its content carries one.
+pub fn identity_of(probe: &Probe) -> Option<DeviceIdentity> {
+    let (kind, uuid) = match &probe.content {
+        Content::PlainExt4(fs) => ("ext4", fs.uuid.clone()),
+        Content::Luks2(meta) => ("luks2", meta.uuid.clone()),
+        Content::Luks1 | Content::Luks2Damaged | Content::Unrecognised => return None,
+    };
+    Some(DeviceIdentity {
+        kind: kind.into(),
+        uuid,
+        size_bytes: probe.size_bytes,
+    })
+}
+
+fn record_identity(record: &Record) -> Option<DeviceIdentity> {
+    serde_json::from_value(record.body.details.get(keys::DEVICE)?.clone()).ok()
+}
+
+/// The device the journal's records were made for (see [`cryptfs_states::check_binding`]).
+pub fn journal_binding(records: &[Record]) -> JournalBinding {
+    let bound = records.iter().rev().find_map(record_identity);
+    let in_place_luks_uuid = bound.as_ref().and_then(|bound| {
+        records.iter().rev().find_map(|r| {
+            let made_for_bound = record_identity(r).as_ref() == Some(bound);
+            (r.body.step == Step::EncryptInPlace.name()
+                && r.body.phase == Phase::Intent
+                && made_for_bound)
+                .then(|| r.body.detail_str(keys::LUKS_UUID).map(String::from))
+                .flatten()
+        })
+    });
+    JournalBinding {
+        bound,
+        in_place_luks_uuid,
+    }
 }
 
 /// The current boot's id: the kernel's, or `CRYPTFS_BOOT_ID` (VM rigs and tests that simulate
@@ -53,20 +101,28 @@ pub struct Recorder {
     journal: Journal,
     boot_id: String,
     stage: String,
+    /// The device the records being written are about; stamped on every intent.
+    device: Option<DeviceIdentity>,
 }
 
 impl Recorder {
-    /// Opens (or creates, or recovers) the journal at `path`.
-    pub fn open(path: &Path, stage: &str) -> crate::Result<(Recorder, Option<Recovery>)> {
+    /// Opens (or creates, or recovers) the journal at `path`, waiting up to `wait` for another
+    /// run that holds it.
+    pub fn open(
+        path: &Path,
+        stage: &str,
+        wait: Duration,
+    ) -> crate::Result<(Recorder, Option<Recovery>)> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create journal directory {}", dir.display()))?;
         }
-        let (journal, recovery) = Journal::open_or_recover(path, now_ms())?;
+        let (journal, recovery) = Journal::open_or_recover(path, now_ms(), wait)?;
         let mut recorder = Recorder {
             journal,
             boot_id: boot_id(),
             stage: stage.to_string(),
+            device: None,
         };
         if let Some(rec) = &recovery {
             recorder.note(
@@ -87,6 +143,33 @@ impl Recorder {
     /// The journal.
     pub fn journal(&self) -> &Journal {
         &self.journal
+    }
+
+    /// Says which device the following records are about. The first time a journal sees a
+    /// device, and whenever our own steps changed its identity, a `device` note binds the
+    /// journal to it.
+    pub fn set_device(&mut self, device: Option<DeviceIdentity>) -> crate::Result<()> {
+        self.device = device;
+        let Some(current) = self.device.clone() else {
+            return Ok(());
+        };
+        if journal_binding(self.journal.records()).bound.as_ref() != Some(&current) {
+            self.note(
+                keys::DEVICE,
+                None,
+                Journal::details([(keys::DEVICE, serde_json::to_value(&current)?)]),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the whole journal aside as `<journal>.<why>-<unix ms>` and continues on a fresh
+    /// one; returns where the old one went.
+    pub fn start_over(&mut self, why: &str) -> crate::Result<PathBuf> {
+        let path = self.journal.path().to_path_buf();
+        let (fresh, kept_aside) = Journal::set_aside_and_create(&path, now_ms(), why)?;
+        self.journal = fresh;
+        Ok(kept_aside)
     }
 
     /// The boot id records are written with.
@@ -122,8 +205,11 @@ impl Recorder {
         &mut self,
         step: Step,
         state: ProvisioningState,
-        details: std::collections::BTreeMap<String, Value>,
+        mut details: std::collections::BTreeMap<String, Value>,
     ) -> crate::Result<()> {
+        if let Some(device) = &self.device {
+            details.insert(keys::DEVICE.into(), serde_json::to_value(device)?);
+        }
         self.append(step.name(), Phase::Intent, Some(state), None, details)
     }
 
@@ -238,8 +324,12 @@ pub fn reconcile(rec: &mut Recorder, state: ProvisioningState) -> crate::Result<
 }
 
 /// The records of `step` since its last intent, if that intent has no `done` after it.
-pub fn pending(journal: &Journal, step: Step) -> Option<&[Record]> {
-    let records = journal.records();
+pub fn pending<J: AsRef<[Record]> + ?Sized>(journal: &J, step: Step) -> Option<&[Record]> {
+    pending_in(journal.as_ref(), step)
+}
+
+/// [`pending`] over a slice of records (a read-only snapshot).
+pub fn pending_in(records: &[Record], step: Step) -> Option<&[Record]> {
     let start = records
         .iter()
         .rposition(|r| r.body.step == step.name() && r.body.phase == Phase::Intent)?;
@@ -255,7 +345,10 @@ pub fn pending(journal: &Journal, step: Step) -> Option<&[Record]> {
 }
 
 /// The sealed KEK journaled by an unfinished `step`, if any.
-pub fn pending_sealed_kek(journal: &Journal, step: Step) -> Option<SealedKek> {
+pub fn pending_sealed_kek<J: AsRef<[Record]> + ?Sized>(
+    journal: &J,
+    step: Step,
+) -> Option<SealedKek> {
     pending(journal, step)?
         .first()
         .and_then(|r| r.body.details.get(keys::SEALED_KEK))
@@ -263,7 +356,7 @@ pub fn pending_sealed_kek(journal: &Journal, step: Step) -> Option<SealedKek> {
 }
 
 /// Whether an unfinished `step` reached sub-step `name`.
-pub fn reached(journal: &Journal, step: Step, name: &str) -> bool {
+pub fn reached<J: AsRef<[Record]> + ?Sized>(journal: &J, step: Step, name: &str) -> bool {
     pending(journal, step).is_some_and(|recs| {
         recs.iter()
             .any(|r| r.body.detail_str(keys::SUBSTEP) == Some(name))
@@ -271,18 +364,18 @@ pub fn reached(journal: &Journal, step: Step, name: &str) -> bool {
 }
 
 /// The latest `done` record of `step`.
-pub fn last_done(journal: &Journal, step: Step) -> Option<&Record> {
+pub fn last_done<J: AsRef<[Record]> + ?Sized>(journal: &J, step: Step) -> Option<&Record> {
     journal
-        .records()
+        .as_ref()
         .iter()
         .rev()
         .find(|r| r.body.step == step.name() && r.body.phase == Phase::Done)
 }
 
 /// The latest committed progress of `step`: (done, total).
-pub fn last_progress(journal: &Journal, step: Step) -> Option<(u64, u64)> {
+pub fn last_progress<J: AsRef<[Record]> + ?Sized>(journal: &J, step: Step) -> Option<(u64, u64)> {
     let r = journal
-        .records()
+        .as_ref()
         .iter()
         .rev()
         .find(|r| r.body.step == step.name() && r.body.phase == Phase::Progress)?;
@@ -293,9 +386,12 @@ pub fn last_progress(journal: &Journal, step: Step) -> Option<(u64, u64)> {
 }
 
 /// What the journal says, as facts for the core.
-pub fn journal_facts(journal: &Journal, boot_id: &str) -> JournalFacts {
+pub fn journal_facts<J: AsRef<[Record]> + ?Sized>(journal: &J, boot_id: &str) -> JournalFacts {
     let volume_key_origin = journal
-        .latest_detail(keys::VOLUME_KEY_ORIGIN)
+        .as_ref()
+        .iter()
+        .rev()
+        .find_map(|r| r.body.details.get(keys::VOLUME_KEY_ORIGIN))
         .and_then(|v| serde_json::from_value::<VolumeKeyOrigin>(v.clone()).ok());
     let reencrypt_initialised_this_boot =
         last_done(journal, Step::InitReencrypt).is_some_and(|r| r.body.boot_id == boot_id);
@@ -308,7 +404,7 @@ pub fn journal_facts(journal: &Journal, boot_id: &str) -> JournalFacts {
 }
 
 /// The blake3 digest the journal holds for the header backup.
-pub fn backup_digest(journal: &Journal) -> Option<String> {
+pub fn backup_digest<J: AsRef<[Record]> + ?Sized>(journal: &J) -> Option<String> {
     last_done(journal, Step::BackupHeader)
         .and_then(|r| r.body.detail_str(keys::BACKUP_BLAKE3))
         .map(String::from)

@@ -5,10 +5,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
-use cryptfs_journal::Journal;
+use cryptfs_journal::{Journal, Record};
 use cryptfs_states::{
-    derive_state, plan, Action, DeviceFacts, Facts, Luks2Facts, Policy, ProvisioningMachine,
-    ProvisioningState, ReencryptMode, Stage,
+    check_binding, derive_state, plan, Action, BindingCheck, DeviceFacts, Facts, Luks2Facts,
+    Policy, ProvisioningMachine, ProvisioningState, ReencryptMode, Stage,
 };
 use serde_json::Value;
 
@@ -29,7 +29,7 @@ pub fn stage_name(stage: Stage) -> &'static str {
 }
 
 /// Whether the header backup exists and matches the digest the journal recorded.
-pub fn backup_verified(config: &Config, journal: Option<&Journal>) -> bool {
+pub fn backup_verified(config: &Config, journal: Option<&[Record]>) -> bool {
     let path = config.backup_path();
     match (journal.and_then(record::backup_digest), path.exists()) {
         (Some(expected), true) => file_blake3(&path).is_ok_and(|d| d == expected),
@@ -43,7 +43,7 @@ pub fn facts(
     config: &Config,
     kek: &dyn KekProtector,
     probe: &Probe,
-    journal: Option<&Journal>,
+    journal: Option<&[Record]>,
     boot_id: &str,
 ) -> crate::Result<Facts> {
     let dev = config.device.display();
@@ -125,7 +125,7 @@ fn repair_before_probe(ctx: &mut StepContext<'_>, probe: &Probe) -> crate::Resul
     };
     if damaged {
         let backup = ctx.config.backup_path();
-        if !backup_verified(ctx.config, Some(ctx.rec.journal())) {
+        if !backup_verified(ctx.config, Some(ctx.rec.journal().records())) {
             if backup.exists() {
                 bail!(
                     "the LUKS2 header of {} is damaged and the backup {} does not match the \
@@ -156,6 +156,62 @@ fn repair_before_probe(ctx: &mut StepContext<'_>, probe: &Probe) -> crate::Resul
     Ok(false)
 }
 
+/// A journal written for another device (the root partition was re-flashed since) is never
+/// applied to this one: the journal, the prepared in-place header and the header backup of the
+/// other device are kept aside (renamed, never deleted) and this device is handled from
+/// scratch, its metadata being the only truth left.
+fn ensure_journal_is_for_this_device(
+    config: &Config,
+    rec: &mut Recorder,
+    probe: &Probe,
+) -> crate::Result<()> {
+    let current = record::identity_of(probe);
+    let binding = record::journal_binding(rec.journal().records());
+    let BindingCheck::Mismatch { journal: previous } = check_binding(&binding, current.as_ref())
+    else {
+        return Ok(());
+    };
+    let suffix = format!(
+        "other-device-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    );
+    let mut kept_aside = vec![rec.start_over(&suffix)?.display().to_string()];
+    for path in [config.temp_header_path(), config.backup_path()] {
+        if path.exists() {
+            let mut aside = path.clone().into_os_string();
+            aside.push(format!(".{suffix}"));
+            std::fs::rename(&path, &aside).with_context(|| {
+                format!(
+                    "cannot keep {} of the previous device aside",
+                    path.display()
+                )
+            })?;
+            kept_aside.push(std::path::PathBuf::from(aside).display().to_string());
+        }
+    }
+    let now = current
+        .as_ref()
+        .map_or_else(|| "an unidentified device".to_string(), ToString::to_string);
+    tracing::warn!(
+        previous = %previous,
+        device = %now,
+        kept_aside = %kept_aside.join(", "),
+        "the journal was written for another device (the root partition was replaced): kept \
+         aside, this device is handled from scratch"
+    );
+    rec.note(
+        "device-changed",
+        None,
+        Journal::details([
+            ("previous_device", serde_json::to_value(&previous)?),
+            ("kept_aside", Value::from(kept_aside)),
+        ]),
+    )?;
+    Ok(())
+}
+
 /// Runs `stage` until it has nothing left to do; returns the state reached.
 pub fn run(
     config: &Config,
@@ -165,7 +221,11 @@ pub fn run(
     // Fail on a missing or unreadable device before creating anything anywhere.
     probe::probe(&config.device)?;
     let mut kek = kek::from_config(config)?;
-    let (mut rec, recovery) = Recorder::open(&config.journal_path(), stage_name(stage))?;
+    let (mut rec, recovery) = Recorder::open(
+        &config.journal_path(),
+        stage_name(stage),
+        record::JOURNAL_WAIT,
+    )?;
     if let Some(rec) = recovery {
         tracing::error!(
             kept_aside = %rec.kept_aside.display(),
@@ -173,10 +233,12 @@ pub fn run(
             "journal was damaged: kept aside, state rebuilt from the device"
         );
     }
+    ensure_journal_is_for_this_device(config, &mut rec, &probe::probe(&config.device)?)?;
     let boot_id = rec.boot_id().to_string();
     let mut machine: Option<ProvisioningMachine> = None;
     for _ in 0..32 {
         let probe = probe::probe(&config.device)?;
+        rec.set_device(record::identity_of(&probe))?;
         {
             let mut ctx = StepContext {
                 config,
@@ -191,7 +253,13 @@ pub fn run(
                 continue;
             }
         }
-        let current = facts(config, kek.as_ref(), &probe, Some(rec.journal()), &boot_id)?;
+        let current = facts(
+            config,
+            kek.as_ref(),
+            &probe,
+            Some(rec.journal().records()),
+            &boot_id,
+        )?;
         let state = derive_state(&current);
         for step in record::reconcile(&mut rec, state)? {
             tracing::info!(%step, %state, "interrupted step had already taken effect; journal reconciled");
@@ -262,7 +330,7 @@ pub fn run(
             config,
             kek.as_ref(),
             &after,
-            Some(rec.journal()),
+            Some(rec.journal().records()),
             &boot_id,
         )?);
         let transitions = machine

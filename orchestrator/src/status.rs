@@ -4,7 +4,10 @@
 use std::fmt::Write as _;
 
 use cryptfs_journal::{Journal, Record};
-use cryptfs_states::{derive_state, plan, Action, ProvisioningState, Stage, Step};
+use cryptfs_states::{
+    check_binding, derive_state, plan, Action, BindingCheck, DeviceIdentity, ProvisioningState,
+    Stage, Step,
+};
 use serde::Serialize;
 
 use crate::config::Config;
@@ -118,6 +121,13 @@ pub struct Progress {
     pub total_bytes: u64,
     /// Percent done.
     pub percent: u64,
+    /// `header` (live: the LUKS2 segments as they are now) or `journal` (the last committed
+    /// progress record, when the header does not add up).
+    pub source: &'static str,
+    /// Rate of the run in progress since its first progress record, MiB/s.
+    pub mib_per_s: Option<f64>,
+    /// Estimated seconds left at that rate.
+    pub eta_seconds: Option<u64>,
 }
 
 /// Journal.
@@ -129,6 +139,15 @@ pub struct JournalStatus {
     pub chain_ok: bool,
     /// Why not.
     pub error: Option<String>,
+    /// The file was left unclean by a run that died (or was cut); it was read from a repaired
+    /// private copy, and the next run repairs the file itself.
+    pub unclean: bool,
+    /// `matches` (written for this device), `unbound` (nothing says which device) or
+    /// `other-device` (written for another device: the next run keeps it aside and handles this
+    /// device from scratch; its records are not applied here).
+    pub binding: String,
+    /// The device the journal was written for.
+    pub bound_device: Option<DeviceIdentity>,
     /// All records, oldest first.
     pub records: Vec<Record>,
 }
@@ -148,42 +167,101 @@ pub struct BackupStatus {
     pub digest_ok: bool,
 }
 
-/// Collects the report.
+/// Reads the journal without writing and without locking a runner out.
+fn read_journal(config: &Config) -> JournalStatus {
+    let path = config.journal_path();
+    let mut status = JournalStatus {
+        path: path.display().to_string(),
+        chain_ok: true,
+        binding: "unbound".into(),
+        ..JournalStatus::default()
+    };
+    if !path.exists() {
+        return status;
+    }
+    match Journal::read_only(&path) {
+        Ok(snapshot) => {
+            status.unclean = snapshot.unclean;
+            status.records = snapshot.records;
+        }
+        Err(e) => {
+            status.chain_ok = false;
+            status.error = Some(format!("{e:#}"));
+        }
+    }
+    status
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Live progress of the re-encryption in flight: bytes from the header, rate from the journal.
+fn live_progress(
+    meta: &crate::luks::metadata::Luks2Metadata,
+    device_bytes: u64,
+    records: &[Record],
+    step: Step,
+) -> Option<Progress> {
+    let (done_bytes, total_bytes, source) =
+        match crate::reencrypt_progress::from_segments(&meta.json, device_bytes) {
+            Some(p) => (p.done_bytes, p.total_bytes, "header"),
+            None => {
+                let (done, total) = record::last_progress(records, step)?;
+                (done, total, "journal")
+            }
+        };
+    let rate = crate::reencrypt_progress::rate(records, step.name(), done_bytes, now_ms());
+    Some(Progress {
+        done_bytes,
+        total_bytes,
+        percent: done_bytes
+            .saturating_mul(100)
+            .checked_div(total_bytes)
+            .unwrap_or(0),
+        source,
+        mib_per_s: rate.map(|bytes_per_s| bytes_per_s / f64::from(1u32 << 20)),
+        eta_seconds: rate
+            .filter(|r| *r > 0.0)
+            .map(|r| (total_bytes.saturating_sub(done_bytes) as f64 / r).ceil() as u64),
+    })
+}
+
+/// Collects the report. Writes nothing anywhere and takes no lock a runner could trip over.
 pub fn collect(config: &Config) -> crate::Result<Status> {
     let kek = kek::from_config(config)?;
-    let journal_path = config.journal_path();
-    let (journal, journal_status) = if journal_path.exists() {
-        match Journal::open_verified(&journal_path) {
-            Ok(j) => {
-                let status = JournalStatus {
-                    path: journal_path.display().to_string(),
-                    chain_ok: true,
-                    error: None,
-                    records: j.records().to_vec(),
-                };
-                (Some(j), status)
-            }
-            Err(e) => (
-                None,
-                JournalStatus {
-                    path: journal_path.display().to_string(),
-                    chain_ok: false,
-                    error: Some(format!("{e:#}")),
-                    records: Vec::new(),
-                },
-            ),
-        }
-    } else {
-        (
-            None,
-            JournalStatus {
-                path: journal_path.display().to_string(),
-                chain_ok: true,
-                error: None,
-                records: Vec::new(),
-            },
-        )
+    let mut journal_status = read_journal(config);
+
+    let mut device = DeviceStatus {
+        path: config.device.display().to_string(),
+        ..DeviceStatus::default()
     };
+    device.reencrypt.status = "none".into();
+    let probed = probe::probe(&config.device);
+
+    // A journal written for another device is not applied to this one (the next run keeps it
+    // aside); the report still lists its records.
+    let binding = record::journal_binding(&journal_status.records);
+    journal_status.bound_device = binding.bound.clone();
+    let current = probed.as_ref().ok().and_then(record::identity_of);
+    let applies = match check_binding(&binding, current.as_ref()) {
+        BindingCheck::Unbound => {
+            journal_status.binding = "unbound".into();
+            true
+        }
+        BindingCheck::Matches => {
+            journal_status.binding = "matches".into();
+            true
+        }
+        BindingCheck::Mismatch { .. } => {
+            journal_status.binding = "other-device".into();
+            false
+        }
+    };
+    let journal: Option<&[Record]> =
+        (journal_status.chain_ok && applies).then_some(journal_status.records.as_slice());
 
     let backup_path = config.backup_path();
     let present = backup_path.exists();
@@ -192,7 +270,7 @@ pub fn collect(config: &Config) -> crate::Result<Status> {
     } else {
         None
     };
-    let journal_digest = journal.as_ref().and_then(record::backup_digest);
+    let journal_digest = journal.and_then(record::backup_digest);
     let header_backup = BackupStatus {
         path: backup_path.display().to_string(),
         present,
@@ -201,12 +279,6 @@ pub fn collect(config: &Config) -> crate::Result<Status> {
         journal_digest,
     };
 
-    let mut device = DeviceStatus {
-        path: config.device.display().to_string(),
-        ..DeviceStatus::default()
-    };
-    device.reencrypt.status = "none".into();
-    let probed = probe::probe(&config.device);
     let (state, error, next, next_by_stage) = match &probed {
         Err(e) => {
             device.kind = "missing".into();
@@ -215,28 +287,18 @@ pub fn collect(config: &Config) -> crate::Result<Status> {
         Ok(p) => {
             device.size_bytes = Some(p.size_bytes);
             describe(&mut device, &p.content, kek.as_ref());
-            if device.reencrypt.status == "in-progress" {
+            if let (Content::Luks2(meta), "in-progress") =
+                (&p.content, device.reencrypt.status.as_str())
+            {
                 let step = if device.reencrypt.mode.as_deref() == Some("encrypt") {
                     Step::EncryptInPlace
                 } else {
                     Step::Reencrypt
                 };
-                device.reencrypt.progress = journal
-                    .as_ref()
-                    .and_then(|j| record::last_progress(j, step))
-                    .map(|(done, total)| Progress {
-                        done_bytes: done,
-                        total_bytes: total,
-                        percent: (done * 100).checked_div(total).unwrap_or(0),
-                    });
+                device.reencrypt.progress =
+                    live_progress(meta, p.size_bytes, journal.unwrap_or_default(), step);
             }
-            let result = runner::facts(
-                config,
-                kek.as_ref(),
-                p,
-                journal.as_ref(),
-                &record::boot_id(),
-            );
+            let result = runner::facts(config, kek.as_ref(), p, journal, &record::boot_id());
             match result {
                 Ok(facts) => (
                     Some(derive_state(&facts)),
@@ -380,11 +442,18 @@ pub fn render(s: &Status) -> String {
     if let Some(p) = &d.reencrypt.progress {
         let _ = write!(
             out,
-            " {}% ({} of {} MiB)",
+            " {}% ({} of {} MiB",
             p.percent,
             p.done_bytes >> 20,
             p.total_bytes >> 20
         );
+        if let Some(rate) = p.mib_per_s {
+            let _ = write!(out, ", {rate:.1} MiB/s");
+        }
+        if let Some(eta) = p.eta_seconds {
+            let _ = write!(out, ", about {eta} s left");
+        }
+        let _ = write!(out, ")");
     }
     let _ = writeln!(out);
     let b = &s.header_backup;
@@ -403,11 +472,29 @@ pub fn render(s: &Status) -> String {
     let j = &s.journal;
     let _ = writeln!(
         out,
-        "journal:    {} ({} records, chain {})",
+        "journal:    {} ({} records, chain {}{})",
         j.path,
         j.records.len(),
-        if j.chain_ok { "ok" } else { "BROKEN" }
+        if j.chain_ok { "ok" } else { "BROKEN" },
+        if j.unclean {
+            "; left unclean by an interrupted run, repaired at the next run"
+        } else {
+            ""
+        }
     );
+    if j.binding == "other-device" {
+        let _ = writeln!(
+            out,
+            "            written for another device ({}): the next run keeps it aside and \
+             handles this device from scratch",
+            j.bound_device
+                .as_ref()
+                .map_or_else(|| "?".to_string(), ToString::to_string)
+        );
+    }
+    if let Some(e) = &j.error {
+        let _ = writeln!(out, "            {e}");
+    }
     for (i, r) in j.records.iter().enumerate() {
         let b = &r.body;
         let progress = |r: &Record| r.body.phase == cryptfs_journal::Phase::Progress;

@@ -10,6 +10,7 @@
 
 pub mod action;
 pub mod facts;
+pub mod identity;
 pub mod machine;
 pub mod state;
 
@@ -18,6 +19,7 @@ pub use facts::{
     DeviceFacts, Facts, JournalFacts, Luks2Facts, Policy, ReencryptMode, ReencryptPolicy,
     ReencryptProgress, ResumePolicy, VolumeKeyOrigin,
 };
+pub use identity::{check_binding, BindingCheck, DeviceIdentity, JournalBinding};
 pub use machine::{allowed, ProvisioningMachine, TransitionError};
 pub use state::{derive_state, ProvisioningState};
 
