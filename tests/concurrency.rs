@@ -141,24 +141,25 @@ fn path_beside_status_loop(image: Image) -> Observed {
     total
 }
 
-#[test]
-fn status_beside_every_stage_of_the_plain_path() {
-    let seen = path_beside_status_loop(Image::Plain);
+/// Both paths, each stage beside the loop: some calls must have landed mid-run and shown the
+/// long step's live progress (`what` names it for the failure message).
+fn assert_status_follows_the_run(image: Image, what: &str) {
+    let seen = path_beside_status_loop(image);
     assert!(seen.mid_run >= 1, "no status landed during a run");
     assert!(
         seen.live_progress >= 1,
-        "no status showed the in-place encryption's live progress"
+        "no status showed the {what}'s live progress"
     );
 }
 
 #[test]
+fn status_beside_every_stage_of_the_plain_path() {
+    assert_status_follows_the_run(Image::Plain, "in-place encryption");
+}
+
+#[test]
 fn status_beside_every_stage_of_the_ci_image_path() {
-    let seen = path_beside_status_loop(Image::Ci);
-    assert!(seen.mid_run >= 1, "no status landed during a run");
-    assert!(
-        seen.live_progress >= 1,
-        "no status showed the re-encryption's live progress"
-    );
+    assert_status_follows_the_run(Image::Ci, "re-encryption");
 }
 
 /// A journal held by another writer (as a second `cryptfs run` would hold it): the run waits,
