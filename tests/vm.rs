@@ -315,8 +315,13 @@ fn vm_power_cut_during_online_reencryption_finishes_in_the_background() {
 fn vm_damaged_header_is_restored_only_from_a_backup_that_matches_the_journal() {
     let mut disk = Disk::new(RootImage::Plain, ROOT_MIB);
     assert_healthy(&disk.boot(&BootOptions::default()), "first boot");
-    // Primary binary header zeroed (the secondary copy is left alone, as in a torn write).
-    disk.write_root(0, &[0u8; 4096]);
+    // Both header copies fail their checksum (magic kept): one bad copy would be repaired
+    // from the other, without the backup.
+    let damage_both = |disk: &Disk| {
+        disk.write_root(448, &[0xffu8; 64]);
+        disk.write_root(16384 + 448, &[0xffu8; 64]);
+    };
+    damage_both(&disk);
     let restored = disk.boot(&BootOptions::default());
     assert_healthy(&restored, "boot with a damaged header");
     assert!(
@@ -348,7 +353,7 @@ fn vm_damaged_header_is_restored_only_from_a_backup_that_matches_the_journal() {
             &["-w", "-f", &script.display().to_string(), &part],
         );
     });
-    disk.write_root(0, &[0u8; 4096]);
+    damage_both(&disk);
     let digest = disk.root_digest();
     let refused = disk.boot(&BootOptions::default());
     let fatal = refused.marker("fatal").unwrap_or_default().to_string();

@@ -8,9 +8,16 @@ use clap::Parser;
 use cryptfs::cli::{Cli, Command};
 use cryptfs::config::Config;
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CRYPTFS_LOG")
+/// Logging goes to stderr only: stdout carries nothing but each command's own result (the
+/// initramfs reads the root device's path from `unlock --device-path`).
+fn init_logging(cryptsetup_debug: bool) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("CRYPTFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tss_esapi=warn"));
+    if cryptsetup_debug {
+        if let Ok(directive) = "libcryptsetup=debug".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -22,8 +29,11 @@ fn init_logging() {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
-    if std::env::var_os("CRYPTFS_CRYPTSETUP_DEBUG").is_some() {
+    let cryptsetup_debug = std::env::var_os("CRYPTFS_CRYPTSETUP_DEBUG").is_some();
+    init_logging(cryptsetup_debug);
+    // Before libcryptsetup's first line: its default sink is stdout.
+    cryptfs::luks::device::route_library_log();
+    if cryptsetup_debug {
         libcryptsetup_rs::set_debug_level(libcryptsetup_rs::consts::vals::CryptDebugLevel::All);
     }
     match run(cli).await {

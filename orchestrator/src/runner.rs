@@ -14,10 +14,9 @@ use serde_json::Value;
 
 use crate::config::Config;
 use crate::kek::{self, KekProtector};
-use crate::luks::device;
 use crate::probe::{self, Content, Probe};
 use crate::record::{self, Recorder};
-use crate::steps::{self, backup::file_blake3, encrypt, StepContext};
+use crate::steps::{self, backup, backup::file_blake3, encrypt, StepContext};
 
 /// Name of a stage as in the journal.
 pub fn stage_name(stage: Stage) -> &'static str {
@@ -68,8 +67,9 @@ pub fn facts(
              luks2 {dev}`)"
         ),
         Content::Luks2Damaged => bail!(
-            "{dev} has a LUKS2 header whose copies are both damaged, and no verified backup to \
-             restore it from"
+            "{}",
+            backup::RestoreVerdict::of(config, journal)
+                .describe(&config.device, &config.backup_path())
         ),
         Content::Unrecognised => bail!(
             "{dev} holds neither an ext4 filesystem nor a LUKS2 volume: nothing cryptfs can \
@@ -99,7 +99,8 @@ pub fn facts(
 }
 
 /// Repairs what must be repaired before the state can even be derived: an interrupted
-/// placement of the in-place encryption header, or a damaged header with a verified backup.
+/// placement of the in-place encryption header, a header copy damaged beside a valid one
+/// (libcryptsetup's repair), or a header whose copies are both damaged (the verified backup).
 fn repair_before_probe(ctx: &mut StepContext<'_>, probe: &Probe) -> crate::Result<bool> {
     // Until `header-placed` is journaled the prepared header is authoritative: no data hotzone
     // has run, and lost writes may have left the head half-written even where it reads as
@@ -113,47 +114,19 @@ fn repair_before_probe(ctx: &mut StepContext<'_>, probe: &Probe) -> crate::Resul
         encrypt::redo_header_placement(ctx)?;
         return Ok(true);
     }
-    if let Content::Luks2(meta) = &probe.content {
-        if meta.primary_ok && meta.secondary_ok {
-            return Ok(false);
+    // One damaged copy: libcryptsetup repairs it from the other, which keeps whatever changed
+    // since the backup was taken. `luks.bin` is for when neither copy is usable.
+    match &probe.content {
+        Content::Luks2(meta) if !(meta.primary_ok && meta.secondary_ok) => {
+            backup::repair_header_copy(ctx, meta)?;
+            Ok(true)
         }
-    }
-    let damaged = match &probe.content {
-        Content::Luks2Damaged => true,
-        Content::Luks2(meta) => !meta.primary_ok,
-        _ => false,
-    };
-    if damaged {
-        let backup = ctx.config.backup_path();
-        if !backup_verified(ctx.config, Some(ctx.rec.journal().records())) {
-            if backup.exists() {
-                bail!(
-                    "the LUKS2 header of {} is damaged and the backup {} does not match the \
-                     digest in the journal: refusing to restore it",
-                    ctx.config.device.display(),
-                    backup.display()
-                );
-            }
-            return Ok(false);
+        Content::Luks2Damaged => {
+            backup::restore_header(ctx)?;
+            Ok(true)
         }
-        tracing::warn!(
-            "LUKS2 header damaged; restoring the verified backup {}",
-            backup.display()
-        );
-        ctx.rec.note(
-            "restore-header",
-            None,
-            Journal::details([("phase", Value::from("intent"))]),
-        )?;
-        device::header_restore(&ctx.config.device, &backup)?;
-        ctx.rec.note(
-            "restore-header",
-            None,
-            Journal::details([("phase", Value::from("done"))]),
-        )?;
-        return Ok(true);
+        _ => Ok(false),
     }
-    Ok(false)
 }
 
 /// A journal written for another device (the root partition was re-flashed since) is never

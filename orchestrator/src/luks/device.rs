@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context};
 use libcryptsetup_rs::consts::flags::{CryptActivate, CryptPbkdf, CryptVolumeKey};
-use libcryptsetup_rs::consts::vals::{CryptKdf, EncryptionFormat};
+use libcryptsetup_rs::consts::vals::{CryptKdf, CryptLogLevel, EncryptionFormat};
 use libcryptsetup_rs::{CryptDevice, CryptInit, CryptPbkdfType, TokenInput};
 use zeroize::Zeroizing;
 
@@ -129,6 +129,24 @@ pub fn header_backup(device: &Path, path: &Path) -> crate::Result<()> {
         .with_context(|| format!("cannot back up the header of {}", device.display()))
 }
 
+/// Rewrites the damaged copy of the LUKS2 header from the valid one: libcryptsetup's own
+/// recovery, what `cryptsetup repair` runs for LUKS2 (`crypt_repair`). It recovers only when
+/// exactly one copy is bad, keeps every keyslot and token of the valid copy, and unlike the
+/// automatic recovery inside `crypt_load` does not refuse a device on which blkid also sees a
+/// foreign signature. Keyslot areas are not touched.
+pub fn repair(device: &Path) -> crate::Result<()> {
+    let mut cd = CryptInit::init(device)
+        .with_context(|| format!("libcryptsetup cannot open {}", device.display()))?;
+    cd.context_handle()
+        .repair::<()>(EncryptionFormat::Luks2, None)
+        .map_err(|e| {
+            anyhow!(
+                "libcryptsetup cannot repair the LUKS2 header of {} from its valid copy ({e})",
+                device.display()
+            )
+        })
+}
+
 /// Restores the LUKS2 header in `backup` onto `device`.
 pub fn header_restore(device: &Path, backup: &Path) -> crate::Result<()> {
     let mut cd = CryptInit::init(device)
@@ -142,6 +160,45 @@ pub fn header_restore(device: &Path, backup: &Path) -> crate::Result<()> {
                 device.display()
             )
         })
+}
+
+/// Sends libcryptsetup's log lines, its debug lines included, to `tracing` (stderr in the
+/// binary, target `libcryptsetup`). Without a callback libcryptsetup prints every line but its
+/// errors on **stdout**, where `cryptfs unlock --device-path` hands the initramfs the root
+/// device's path: one debug line there and the root cannot be mounted.
+pub fn route_library_log() {
+    libcryptsetup_rs::set_log_callback::<()>(Some(library_log_line), None);
+}
+
+/// The log callback: one line of libcryptsetup's log, at its level.
+///
+/// # Safety
+/// Called by libcryptsetup only, with `msg` NULL or a NUL-terminated string.
+unsafe extern "C" fn library_log_line(
+    level: std::os::raw::c_int,
+    msg: *const std::os::raw::c_char,
+    _usrptr: *mut std::os::raw::c_void,
+) {
+    if msg.is_null() {
+        return;
+    }
+    // SAFETY: libcryptsetup passes a NUL-terminated string that lives for the call.
+    let text = unsafe { std::ffi::CStr::from_ptr(msg) }.to_string_lossy();
+    let text = text.trim_end();
+    if text.is_empty() {
+        return;
+    }
+    match CryptLogLevel::try_from(level) {
+        Ok(CryptLogLevel::Error) => {
+            tracing::warn!(target: "libcryptsetup", "libcryptsetup: {text}")
+        }
+        Ok(CryptLogLevel::Normal) => {
+            tracing::info!(target: "libcryptsetup", "libcryptsetup: {text}")
+        }
+        Ok(CryptLogLevel::Verbose | CryptLogLevel::Debug | CryptLogLevel::DebugJson) | Err(_) => {
+            tracing::debug!(target: "libcryptsetup", "libcryptsetup: {text}")
+        }
+    }
 }
 
 /// Keyslot flags re-exported for the in-place encryption step.
