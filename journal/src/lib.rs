@@ -13,5 +13,5 @@ mod store;
 
 pub use chain::{verify_chain, ChainError, GENESIS};
 pub use error::JournalError;
-pub use record::{Phase, Record, RecordBody};
+pub use record::{Phase, Record, RecordBody, MAX_RECORD_BYTES};
 pub use store::{Journal, Recovery, Snapshot};

@@ -61,6 +61,26 @@ pub struct Record {
     pub hash: String,
 }
 
+/// The largest stored record decoded: records are small (a few hundred bytes; the largest,
+/// with a saved superblock, about 3 KiB), so anything far larger is damage or an attack and is
+/// refused before serde allocates for it.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
+impl Record {
+    /// Decodes a stored record. Bytes from the disk are hostile: the size is capped
+    /// ([`MAX_RECORD_BYTES`]), nesting is bounded by serde_json's recursion limit, and every
+    /// failure is an error, never a panic. The hash is not checked here (see `verify_chain`).
+    pub fn decode(bytes: &[u8]) -> Result<Record, serde_json::Error> {
+        if bytes.len() > MAX_RECORD_BYTES {
+            return Err(<serde_json::Error as serde::de::Error>::custom(format!(
+                "record is {} bytes, more than the {MAX_RECORD_BYTES} a record may have",
+                bytes.len()
+            )));
+        }
+        serde_json::from_slice(bytes)
+    }
+}
+
 impl RecordBody {
     /// The blake3 hash of the body chained to its predecessor.
     pub fn compute_hash(&self) -> Result<blake3::Hash, serde_json::Error> {

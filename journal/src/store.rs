@@ -29,9 +29,6 @@ pub struct Recovery {
 pub struct Snapshot {
     /// All records, oldest first; the chain verified.
     pub records: Vec<Record>,
-    /// The file was left unclean by a process that died; the records were read from a
-    /// repaired private copy.
-    pub unclean: bool,
 }
 
 /// An open journal (the one writer).
@@ -65,12 +62,18 @@ impl std::fmt::Debug for Journal {
 /// How long a writer waits between two tries to open a journal another process holds.
 const BUSY_RETRY: Duration = Duration::from_millis(100);
 
-/// Every handle, writer or reader, uses redb's single-writer mode: one process writes and any
-/// number of read-only handles (`cryptfs status`) follow its commits without ever locking the
-/// writer out. A second writer is refused with `DatabaseAlreadyOpen`.
+/// The writer uses redb's single-writer mode: a second writer is refused with
+/// `DatabaseAlreadyOpen` (busy, never damage). Readers (`cryptfs status`) never open the file
+/// itself: see [`Journal::read_only`].
+///
+/// Every open checks the file's integrity (each page's checksum): the journal is read from the
+/// boot partition, and a damaged page must be an error, never trusted (redb may panic on one
+/// otherwise). The journal is small; the check costs milliseconds.
 fn builder() -> Builder {
     let mut builder = Builder::new();
-    builder.set_concurrency_mode(ConcurrencyMode::SingleWriter);
+    builder
+        .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+        .set_check_integrity_on_open(true);
     builder
 }
 
@@ -189,47 +192,50 @@ impl Journal {
         })
     }
 
-    /// Reads every record of the journal at `path` without writing anything and without
-    /// taking a lock a writer could trip over; the chain is verified.
+    /// Reads every record of the journal at `path` without writing to it and without taking
+    /// any lock on it; the chain is verified.
     ///
-    /// While a `cryptfs run` has the journal open this sees its commits so far. A file left
-    /// unclean by a process that died (which redb repairs on the next writer's open) is read
-    /// from a private copy in the temporary directory, repaired there; the original is never
-    /// touched.
+    /// The bytes are copied to a private file in the temporary directory and opened there with
+    /// redb's integrity check (every page checksum verified, any repair applied to the copy):
+    /// a journal's bytes are as hostile as any other read from the boot partition, and only the
+    /// checked open turns a damaged page into an error instead of trusting it. While a
+    /// `cryptfs run` writes, the copy holds its commits so far; a copy caught in the middle of a
+    /// commit fails the check and is taken again (a few times, briefly apart) before the
+    /// failure is reported as damage.
     pub fn read_only(path: &Path) -> Result<Snapshot, JournalError> {
-        let records = match builder().open_read_only(path) {
-            Ok(db) => Self::load(path, &db)?,
-            Err(DatabaseError::RepairAborted) => {
-                let copy = tempfile::Builder::new()
-                    .prefix("cryptfs-journal-")
-                    .tempfile()
-                    .map_err(|source| JournalError::Io {
-                        path: path.to_path_buf(),
-                        source,
-                    })?;
-                std::fs::copy(path, copy.path()).map_err(|source| JournalError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                let db = Database::open(copy.path()).map_err(|e| JournalError::db(path, e))?;
-                let records = Self::load(path, &db)?;
-                return Self::verified_snapshot(path, records, true);
+        const TRIES: usize = 4;
+        let mut last_error = None;
+        for attempt in 0..TRIES {
+            if attempt > 0 {
+                std::thread::sleep(BUSY_RETRY);
             }
-            Err(err) => return Err(JournalError::db(path, err)),
-        };
-        Self::verified_snapshot(path, records, false)
-    }
-
-    fn verified_snapshot(
-        path: &Path,
-        records: Vec<Record>,
-        unclean: bool,
-    ) -> Result<Snapshot, JournalError> {
-        verify_chain(&records).map_err(|source| JournalError::Chain {
+            let io = |source| JournalError::Io {
+                path: path.to_path_buf(),
+                source,
+            };
+            let copy = tempfile::Builder::new()
+                .prefix("cryptfs-journal-")
+                .tempfile()
+                .map_err(io)?;
+            std::fs::copy(path, copy.path()).map_err(io)?;
+            let db = match builder().open(copy.path()) {
+                Ok(db) => db,
+                Err(err) => {
+                    last_error = Some(JournalError::db(path, err));
+                    continue;
+                }
+            };
+            let records = Self::load(path, &db)?;
+            verify_chain(&records).map_err(|source| JournalError::Chain {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            return Ok(Snapshot { records });
+        }
+        Err(last_error.unwrap_or_else(|| JournalError::Io {
             path: path.to_path_buf(),
-            source,
-        })?;
-        Ok(Snapshot { records, unclean })
+            source: std::io::Error::other("journal could not be read"),
+        }))
     }
 
     fn open_writer(path: &Path) -> Result<Journal, OpenFailure> {

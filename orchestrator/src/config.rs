@@ -197,13 +197,32 @@ fn default_hotzone() -> u64 {
     8 * 1024 * 1024
 }
 
+/// The largest configuration file read.
+pub const MAX_CONFIG_BYTES: u64 = 64 * 1024;
+
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> crate::Result<Config> {
-        let text = std::fs::read_to_string(path)
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| {
+                std::io::Read::read_to_string(
+                    &mut std::io::Read::take(f, MAX_CONFIG_BYTES + 1),
+                    &mut text,
+                )
+            })
             .with_context(|| format!("cannot read configuration {}", path.display()))?;
-        let config: Config = toml::from_str(&text)
-            .with_context(|| format!("invalid configuration {}", path.display()))?;
+        anyhow::ensure!(
+            text.len() as u64 <= MAX_CONFIG_BYTES,
+            "configuration {} is larger than 64 KiB",
+            path.display()
+        );
+        Self::parse(&text).with_context(|| format!("invalid configuration {}", path.display()))
+    }
+
+    /// Parses and validates a configuration's text (no file access).
+    pub fn parse(text: &str) -> crate::Result<Config> {
+        let config: Config = toml::from_str(text)?;
         anyhow::ensure!(
             config.reencrypt.hotzone_size >= 1024 * 1024
                 && config.reencrypt.hotzone_size.is_multiple_of(512),

@@ -23,7 +23,8 @@ pub struct Ext4Facts {
 impl Ext4Facts {
     /// Size of the filesystem in bytes.
     pub fn size_bytes(&self) -> u64 {
-        self.blocks * self.block_size
+        // parse_superblock refuses a product that overflows; saturate all the same.
+        self.blocks.saturating_mul(self.block_size)
     }
 }
 
@@ -38,7 +39,9 @@ pub fn read_superblock(device: &Path) -> crate::Result<Option<Ext4Facts>> {
     if file.read_exact(&mut sb).is_err() {
         return Ok(None);
     }
-    parse_superblock(&sb)
+    // A superblock larger than the device is not refused here: an interrupted shrink of an
+    // image file leaves exactly that, and the encryption step repairs it or refuses.
+    parse_superblock(&sb).with_context(|| format!("ext4 superblock of {}", device.display()))
 }
 
 /// Offset and size of the primary superblock.
@@ -79,7 +82,8 @@ fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// Parses a 1024-byte superblock.
+/// Parses a 1024-byte superblock. Never panics: fixed offsets inside the array, a bounded block
+/// size, and a block count whose byte size must fit a u64.
 pub fn parse_superblock(sb: &[u8; 1024]) -> crate::Result<Option<Ext4Facts>> {
     if le16(sb, 0x38) != EXT4_MAGIC {
         return Ok(None);
@@ -95,7 +99,15 @@ pub fn parse_superblock(sb: &[u8; 1024]) -> crate::Result<Option<Ext4Facts>> {
     let blocks = u64::from(le32(sb, 0x4)) | hi(0x150);
     let free_blocks = u64::from(le32(sb, 0xC)) | hi(0x158);
     let log = le32(sb, 0x18);
-    anyhow::ensure!(log <= 6, "ext4 superblock has an invalid block size");
+    anyhow::ensure!(
+        log <= 6,
+        "ext4 superblock has an invalid block size (log {log})"
+    );
+    let block_size = 1024u64 << log;
+    anyhow::ensure!(
+        blocks.checked_mul(block_size).is_some(),
+        "ext4 superblock has an impossible block count {blocks}"
+    );
     let uuid = &sb[0x68..0x78];
     let uuid = format!(
         "{}-{}-{}-{}-{}",
@@ -110,7 +122,7 @@ pub fn parse_superblock(sb: &[u8; 1024]) -> crate::Result<Option<Ext4Facts>> {
     Ok(Some(Ext4Facts {
         uuid,
         label: String::from_utf8_lossy(&label_raw[..end]).into_owned(),
-        block_size: 1024u64 << log,
+        block_size,
         blocks,
         free_blocks,
     }))

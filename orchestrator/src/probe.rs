@@ -51,7 +51,11 @@ pub fn probe(device: &Path) -> crate::Result<Probe> {
         .with_context(|| format!("cannot open {} for reading", device.display()))?;
     let size_bytes = file.seek(SeekFrom::End(0))?;
     let content = match metadata::read(device)? {
-        HeaderKind::Luks2(meta) => Content::Luks2(meta),
+        HeaderKind::Luks2(meta) => {
+            meta.check_fits(size_bytes)
+                .with_context(|| format!("LUKS2 header of {}", device.display()))?;
+            Content::Luks2(meta)
+        }
         HeaderKind::Luks1 => Content::Luks1,
         HeaderKind::Luks2Damaged => Content::Luks2Damaged,
         HeaderKind::None => match ext4::read_superblock(device)? {

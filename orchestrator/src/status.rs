@@ -139,9 +139,6 @@ pub struct JournalStatus {
     pub chain_ok: bool,
     /// Why not.
     pub error: Option<String>,
-    /// The file was left unclean by a run that died (or was cut); it was read from a repaired
-    /// private copy, and the next run repairs the file itself.
-    pub unclean: bool,
     /// `matches` (written for this device), `unbound` (nothing says which device) or
     /// `other-device` (written for another device: the next run keeps it aside and handles this
     /// device from scratch; its records are not applied here).
@@ -180,10 +177,7 @@ fn read_journal(config: &Config) -> JournalStatus {
         return status;
     }
     match Journal::read_only(&path) {
-        Ok(snapshot) => {
-            status.unclean = snapshot.unclean;
-            status.records = snapshot.records;
-        }
+        Ok(snapshot) => status.records = snapshot.records,
         Err(e) => {
             status.chain_ok = false;
             status.error = Some(format!("{e:#}"));
@@ -472,15 +466,10 @@ pub fn render(s: &Status) -> String {
     let j = &s.journal;
     let _ = writeln!(
         out,
-        "journal:    {} ({} records, chain {}{})",
+        "journal:    {} ({} records, chain {})",
         j.path,
         j.records.len(),
         if j.chain_ok { "ok" } else { "BROKEN" },
-        if j.unclean {
-            "; left unclean by an interrupted run, repaired at the next run"
-        } else {
-            ""
-        }
     );
     if j.binding == "other-device" {
         let _ = writeln!(

@@ -7,6 +7,7 @@
 //! | `demo` | deps, build, then the whole path on a 256 MiB image with a software TPM |
 //! | `bench` | deps, release build, cryptfs against the cryptsetup CLI on the same images |
 //! | `vm [filter]` | deps, then the QEMU boot scenarios (all, or those matching the filter) |
+//! | `fuzz [secs]` | seed corpus from real artefacts, then every cargo-fuzz target for `secs` (60) |
 
 mod bench;
 mod demo;
@@ -59,7 +60,11 @@ fn main() -> Result<()> {
             deps()?;
             vm(std::env::args().nth(2).as_deref())
         }
-        _ => bail!("usage: cargo xtask <deps|test|demo|bench|vm [filter]>"),
+        "fuzz" => {
+            deps()?;
+            fuzz(std::env::args().nth(2).as_deref())
+        }
+        _ => bail!("usage: cargo xtask <deps|test|demo|bench|vm [filter]|fuzz [secs]>"),
     }
 }
 
@@ -160,4 +165,76 @@ fn vm(filter: Option<&str>) -> Result<()> {
     ];
     args.extend(filter);
     sh::run("cargo", &args)
+}
+
+/// The cargo-fuzz targets in `fuzz/`, one per kind of hostile input.
+const FUZZ_TARGETS: &[&str] = &[
+    "luks2_header",
+    "ext4_superblock",
+    "tpm2_token",
+    "journal_record",
+    "journal_file",
+    "config",
+];
+
+/// Writes the seed corpus (real headers, superblocks, tokens, journal, config, made by the
+/// real tools in `tests/hostile_bytes.rs`), then runs every fuzz target for `secs` seconds
+/// (default 60) with nightly. A single allocation above 128 MiB counts as a crash: no input
+/// may make a reader allocate without bound.
+fn fuzz(secs: Option<&str>) -> Result<()> {
+    let secs: u64 = match secs {
+        None => 60,
+        Some(s) => s
+            .parse()
+            .map_err(|_| anyhow::anyhow!("usage: cargo xtask fuzz [seconds per target]"))?,
+    };
+    if !sh::succeeds("cargo", &["fuzz", "--version"], "cargo-fuzz") {
+        sh::run("cargo", &["install", "--locked", "cargo-fuzz"])?;
+    }
+    let root = std::env::current_dir()?;
+    let fuzz_dir = root.join("fuzz");
+    let seeds = fuzz_dir.join("seeds");
+    let seeds_str = seeds.display().to_string();
+    sh::run_env(
+        "cargo",
+        &[
+            "test",
+            "--package",
+            "cryptfs",
+            "--all-features",
+            "--test",
+            "hostile_bytes",
+            "--",
+            "--ignored",
+            "--exact",
+            "write_fuzz_corpus",
+        ],
+        &[("CRYPTFS_FUZZ_CORPUS", &seeds_str)],
+    )?;
+    let max_time = format!("-max_total_time={secs}");
+    for target in FUZZ_TARGETS {
+        let corpus = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let corpus = corpus.display().to_string();
+        let seed = seeds.join(target).display().to_string();
+        let status = std::process::Command::new("cargo")
+            .current_dir(&fuzz_dir)
+            .args([
+                "+nightly", "fuzz", "run", "-O", target, &corpus, &seed, "--",
+            ])
+            .args([
+                max_time.as_str(),
+                "-malloc_limit_mb=128",
+                "-rss_limit_mb=2048",
+            ])
+            .status()?;
+        if !status.success() {
+            bail!("fuzz target {target} found a crash (see fuzz/artifacts/{target}/)");
+        }
+    }
+    println!(
+        "xtask: {} fuzz targets ran {secs} s each without a crash",
+        FUZZ_TARGETS.len()
+    );
+    Ok(())
 }

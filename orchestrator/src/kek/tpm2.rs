@@ -46,12 +46,8 @@ pub struct Tpm2Protector {
 impl Tpm2Protector {
     /// A protector for `config` (no TPM access yet).
     pub fn new(config: &Tpm2Config) -> crate::Result<Self> {
-        let bank = match config.pcr_bank.as_str() {
-            "sha256" => HashingAlgorithm::Sha256,
-            "sha1" => HashingAlgorithm::Sha1,
-            other => bail!("unsupported PCR bank {other:?} (use \"sha256\" or \"sha1\")"),
-        };
-        if let Some(bad) = config.pcrs.iter().find(|p| **p > 23) {
+        let bank = bank_from_name(&config.pcr_bank)?;
+        if let Some(bad) = config.pcrs.iter().find(|p| **p > MAX_PCR) {
             bail!("PCR {bad} does not exist (PCRs are 0-23)");
         }
         Ok(Tpm2Protector {
@@ -83,13 +79,111 @@ impl Tpm2Protector {
     }
 
     fn selection(&self, pcrs: &[u8]) -> crate::Result<PcrSelectionList> {
-        let slots = pcrs
-            .iter()
-            .map(|p| PcrSlot::try_from(1u32 << p).map_err(|e| anyhow!("PCR {p}: {e}")))
-            .collect::<crate::Result<Vec<_>>>()?;
-        Ok(PcrSelectionListBuilder::new()
-            .with_selection(self.bank, &slots)
-            .build()?)
+        selection(self.bank, pcrs)
+    }
+}
+
+/// The highest PCR index of a PC-client TPM.
+pub const MAX_PCR: u8 = 23;
+
+/// A PCR bank by its systemd name.
+pub fn bank_from_name(name: &str) -> crate::Result<HashingAlgorithm> {
+    match name {
+        "sha256" => Ok(HashingAlgorithm::Sha256),
+        "sha1" => Ok(HashingAlgorithm::Sha1),
+        "sha384" => Ok(HashingAlgorithm::Sha384),
+        "sha512" => Ok(HashingAlgorithm::Sha512),
+        other => bail!(
+            "unsupported PCR bank {:?} (use \"sha256\", \"sha1\", \"sha384\" or \"sha512\")",
+            other.chars().take(32).collect::<String>()
+        ),
+    }
+}
+
+fn selection(bank: HashingAlgorithm, pcrs: &[u8]) -> crate::Result<PcrSelectionList> {
+    let slots = pcrs
+        .iter()
+        .map(|&p| {
+            // Checked shift: an index from a token is never trusted to be below 32.
+            let bit = (p <= MAX_PCR)
+                .then(|| 1u32.checked_shl(u32::from(p)))
+                .flatten()
+                .ok_or_else(|| anyhow!("PCR {p} does not exist (PCRs are 0-{MAX_PCR})"))?;
+            PcrSlot::try_from(bit).map_err(|e| anyhow!("PCR {p}: {e}"))
+        })
+        .collect::<crate::Result<Vec<_>>>()?;
+    Ok(PcrSelectionListBuilder::new()
+        .with_selection(bank, &slots)
+        .build()?)
+}
+
+/// The fields of a `systemd-tpm2` token that unsealing uses, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tpm2Token {
+    /// TPM2B_PRIVATE then TPM2B_PUBLIC, as systemd marshals them.
+    pub blob: Vec<u8>,
+    /// PCR indices of the policy, each 0..=23.
+    pub pcrs: Vec<u8>,
+    /// The PCR bank the policy was computed over (the token's, not the configuration's).
+    pub bank: HashingAlgorithm,
+    /// The bank's name as in the token.
+    pub bank_name: String,
+}
+
+/// The largest `tpm2-blob` accepted: two TPM2B structures of at most 64 KiB each.
+pub const MAX_BLOB_BYTES: usize = 2 * (2 + 65535);
+
+impl Tpm2Token {
+    /// Parses the sealed fields of a token. Every field from the disk is checked: a missing or
+    /// oversized blob, a PCR index that is not a number in 0..=23, an unknown bank are errors.
+    /// A missing `tpm2-pcr-bank` is sha256, systemd's default.
+    pub fn parse(fields: &Map<String, Value>) -> crate::Result<Tpm2Token> {
+        let blob = fields
+            .get("tpm2-blob")
+            .and_then(Value::as_str)
+            .ok_or_else(|| anyhow!("systemd-tpm2 token has no tpm2-blob"))?;
+        if blob.len() > MAX_BLOB_BYTES.div_ceil(3) * 4 {
+            bail!(
+                "tpm2-blob of the systemd-tpm2 token is too large ({} characters)",
+                blob.len()
+            );
+        }
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(blob)
+            .context("tpm2-blob is not base64")?;
+        let (_, rest) = split_tpm2b(&blob)?;
+        split_tpm2b(rest)?;
+        let pcrs = match fields.get("tpm2-pcrs") {
+            None => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .filter(|n| *n <= u64::from(MAX_PCR))
+                        .and_then(|n| u8::try_from(n).ok())
+                        .ok_or_else(|| {
+                            anyhow!(
+                                "systemd-tpm2 token: PCR {} does not exist (PCRs are \
+                                 0-{MAX_PCR})",
+                                v.to_string().chars().take(24).collect::<String>()
+                            )
+                        })
+                })
+                .collect::<crate::Result<Vec<u8>>>()?,
+            Some(_) => bail!("tpm2-pcrs of the systemd-tpm2 token is not a list"),
+        };
+        let bank_name = match fields.get("tpm2-pcr-bank") {
+            None => "sha256".to_string(),
+            Some(Value::String(name)) => name.clone(),
+            Some(_) => bail!("tpm2-pcr-bank of the systemd-tpm2 token is not a string"),
+        };
+        let bank = bank_from_name(&bank_name).context("systemd-tpm2 token")?;
+        Ok(Tpm2Token {
+            blob,
+            pcrs,
+            bank,
+            bank_name,
+        })
     }
 }
 
@@ -222,10 +316,10 @@ impl Tpm2Protector {
         &self,
         ctx: &mut Context,
         flush: &mut Flush,
-        blob: &[u8],
-        pcrs: &[u8],
+        token: &Tpm2Token,
     ) -> crate::Result<Vec<u8>> {
-        let (private, rest) = split_tpm2b(blob)?;
+        let pcrs = &token.pcrs;
+        let (private, rest) = split_tpm2b(&token.blob)?;
         let (public, _) = split_tpm2b(rest)?;
         let private = Private::try_from(private.to_vec())?;
         let public = Public::unmarshall(public)?;
@@ -248,7 +342,8 @@ impl Tpm2Protector {
                 }
             })?;
         flush.0.push(object.into());
-        let selection = self.selection(pcrs)?;
+        // The policy is recomputed over the token's bank: the one it was sealed with.
+        let selection = selection(token.bank, pcrs)?;
         let (session, policy) = start_session(ctx, SessionType::Policy, flush)?;
         ctx.policy_pcr(policy, Digest::default(), selection)?;
         let data = ctx
@@ -261,7 +356,7 @@ impl Tpm2Protector {
                         .map(|p| p.to_string())
                         .collect::<Vec<_>>()
                         .join("+"),
-                    self.bank_name
+                    token.bank_name
                 )
             })?;
         Ok(data.value().to_vec())
@@ -312,27 +407,10 @@ impl KekProtector for Tpm2Protector {
     }
 
     fn unseal(&mut self, sealed: &SealedKek) -> crate::Result<Secret> {
-        let blob = sealed
-            .fields
-            .get("tpm2-blob")
-            .and_then(Value::as_str)
-            .ok_or_else(|| anyhow!("systemd-tpm2 token has no tpm2-blob"))?;
-        let blob = base64::engine::general_purpose::STANDARD
-            .decode(blob)
-            .context("tpm2-blob is not base64")?;
-        let pcrs: Vec<u8> = sealed
-            .fields
-            .get("tpm2-pcrs")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_u64().and_then(|n| u8::try_from(n).ok()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let token = Tpm2Token::parse(&sealed.fields)?;
         let mut ctx = self.context()?;
         let mut flush = Flush::default();
-        let data = self.unseal_inner(&mut ctx, &mut flush, &blob, &pcrs);
+        let data = self.unseal_inner(&mut ctx, &mut flush, &token);
         flush.all(&mut ctx);
         Ok(Secret::new(data?))
     }

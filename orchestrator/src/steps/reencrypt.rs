@@ -201,7 +201,11 @@ pub fn finalize_if_all_data_final(ctx: &mut StepContext<'_>, step: Step) -> crat
          finishing the metadata instead of resuming"
     );
     ctx.rec.substep(step, "finalize-metadata")?;
-    finalize::finalize(&dev)?;
+    // Only the volume-key change runs online; its mapping is the one holder allowed.
+    let online = (step == Step::Reencrypt)
+        .then(|| active_name(ctx))
+        .flatten();
+    finalize::finalize(&dev, online.as_deref())?;
     ctx.rec.substep(step, "metadata-finalized")?;
     Ok(true)
 }
