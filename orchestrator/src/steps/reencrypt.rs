@@ -1,6 +1,5 @@
 //! `init-reencrypt` and `reencrypt`: replace the volume key that came from the image.
 
-use std::io::Write;
 use std::sync::atomic::Ordering;
 
 use anyhow::{anyhow, bail};
@@ -223,8 +222,8 @@ fn mark_reencrypted(ctx: &mut StepContext<'_>) -> crate::Result<()> {
     }
 }
 
-/// Drives a re-encryption (either kind) to its end with progress in the log, on stderr and
-/// in the journal (at most every 5 %). Stops cleanly between hotzones when asked to.
+/// Drives a re-encryption (either kind) to its end, every progress update through
+/// [`crate::progress::Progress`]. Stops cleanly between hotzones when asked to.
 pub fn drive(
     ctx: &mut StepContext<'_>,
     kind: luks_reencrypt::Kind,
@@ -254,27 +253,11 @@ pub fn drive(
     let stop = ctx.stop.clone();
     let rec = &mut *ctx.rec;
     let mut journal_error = None;
-    let mut last_recorded = 0u64;
-    let started = std::time::Instant::now();
+    let mut progress = crate::progress::Progress::new(step);
     let mut report = |done: u64, total: u64| -> bool {
-        if total > 0 && (done == total || done >= last_recorded + total / 20) {
-            if let Err(e) = rec.progress(step, done, total) {
-                journal_error = Some(e);
-                return false;
-            }
-            last_recorded = done;
-            let mib = |b: u64| b / (1024 * 1024);
-            let secs = started.elapsed().as_secs_f64().max(0.001);
-            tracing::info!(step = %step, done_mib = mib(done), total_mib = mib(total), "progress");
-            let line = format!(
-                "{step}: {:>3}% ({} of {} MiB, {:.1} MiB/s)",
-                done * 100 / total,
-                mib(done),
-                mib(total),
-                done as f64 / (1024.0 * 1024.0) / secs
-            );
-            let _ = writeln!(std::io::stderr().lock(), "cryptfs: {line}");
-            crate::notify::status(&line);
+        if let Err(e) = progress.update(rec, done, total) {
+            journal_error = Some(e);
+            return false;
         }
         if done > 0 && done < total {
             failpoint::hit(&format!("{step}:mid"));
