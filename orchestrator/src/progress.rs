@@ -68,7 +68,8 @@ impl Progress {
         rec.progress(self.step, done, total)?;
         self.last_reported = Some(done);
         let line = self.line(done, total);
-        tracing::info!(step = %self.step, done_bytes = done, total_bytes = total, "{line}");
+        // "cryptfs: " like cryptfs's other console lines (the VM rig reads it off the console).
+        tracing::info!(step = %self.step, done_bytes = done, total_bytes = total, "cryptfs: {line}");
         crate::notify::status(&line);
         Ok(())
     }
