@@ -80,20 +80,62 @@ fn plain_image_with_a_pkcs11_kek_reaches_header_backed_up() {
     );
 }
 
+/// The token's keyslot passphrase (base64 of the secret the token decrypts), via the protector.
+fn token_passphrase(rig: &Rig, hsm: &SoftHsm) -> String {
+    let config = rig.config();
+    hsm.with(|| {
+        let mut protector = cryptfs::kek::from_config(&config).expect("protector");
+        let meta = common::luks2(&rig.device);
+        let (_, _, sealed) =
+            cryptfs::steps::usable_token(protector.as_ref(), &meta).expect("token");
+        let secret = protector.unseal(&sealed).expect("unseal");
+        String::from_utf8(secret.keyslot_passphrase().expose().to_vec()).expect("base64")
+    })
+}
+
+/// The whole decrypted data segment of the volume, hashed.
+fn plaintext_blake3(rig: &Rig, volume_key: &[u8], name: &str) -> String {
+    let out = rig.dir.path().join(name);
+    let meta = common::luks2(&rig.device);
+    cryptfs::plaintext::export(&rig.device, &meta, volume_key, &out).expect("decrypt");
+    let digest = file_blake3(&out);
+    std::fs::remove_file(&out).expect("rm");
+    digest
+}
+
 #[test]
 fn ci_image_with_a_pkcs11_kek_is_reencrypted() {
-    let (rig, _hsm) = pkcs11_rig(Image::Ci);
+    let (rig, hsm) = pkcs11_rig(Image::Ci);
     let image_key = volume_key_with(&rig.device, CI_PASSPHRASE).expect("key");
+    let image_digest = common::luks2(&rig.device)
+        .segment_digest()
+        .map(String::from)
+        .expect("digest");
+    let plaintext_before = plaintext_blake3(&rig, &image_key, "before.img");
     rig.run_stage("initramfs");
     assert_eq!(rig.status()["state"], "reencrypting");
     rig.run_stage("userspace");
     let s = rig.status();
     assert_eq!(s["state"], "header-backed-up");
     assert!(volume_key_with(&rig.device, CI_PASSPHRASE).is_none());
+    // The volume key the token opens now is a new one: other bytes, another digest.
+    let device_key =
+        volume_key_with(&rig.device, &token_passphrase(&rig, &hsm)).expect("the token opens it");
+    assert_eq!(device_key.len(), image_key.len());
+    assert_ne!(device_key, image_key, "the image's volume key was replaced");
+    let device_digest = common::luks2(&rig.device)
+        .segment_digest()
+        .map(String::from)
+        .expect("digest");
+    assert_ne!(device_digest, image_digest);
+    // And every byte of the data segment decrypts, under the new key, to what it was (the host
+    // run does not grow the filesystem: no active mapping).
+    assert_eq!(
+        plaintext_blake3(&rig, &device_key, "after.img"),
+        plaintext_before,
+        "the plaintext changed across re-encryption"
+    );
     assert_eq!(rig.files_inside(), rig.files);
-    let meta = common::luks2(&rig.device);
-    assert_ne!(meta.segment_digest(), None);
-    let _ = image_key;
 }
 
 fn refuses(rig: &Rig, expected: &str) {

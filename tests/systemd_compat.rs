@@ -193,51 +193,181 @@ fn cryptfs_unlocks_what_systemd_cryptenroll_enrolls_with_pkcs11() {
     assert_eq!(s["device"]["tokens"][0]["role"], "kek");
 }
 
+/// Adds a passphrase keyslot with the cryptsetup CLI (cheap PBKDF2), opened by the image's.
+fn cryptsetup_add_passphrase(rig: &Rig, slot: u32, passphrase: &str) {
+    let old = rig.dir.path().join("old-key");
+    let new = rig.dir.path().join("new-key");
+    std::fs::write(&old, CI_PASSPHRASE).expect("old key");
+    std::fs::write(&new, passphrase).expect("new key");
+    let device = rig.device.display().to_string();
+    common::run(
+        "cryptsetup",
+        &[
+            "luksAddKey",
+            "--batch-mode",
+            "--key-file",
+            &old.display().to_string(),
+            "--key-slot",
+            &slot.to_string(),
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            &device,
+            &new.display().to_string(),
+        ],
+    );
+    std::fs::remove_file(&old).expect("rm");
+    std::fs::remove_file(&new).expect("rm");
+}
+
+fn opens(rig: &Rig, slot: u32, passphrase: &str) -> bool {
+    let p = cryptfs::secret::Passphrase::new(passphrase.as_bytes().to_vec());
+    cryptfs::luks::device::test_passphrase(&rig.device, Some(slot), &p).is_ok()
+}
+
+/// Foreign tokens with real keyslots: a real `systemd-cryptenroll --tpm2-with-pin` enrollment
+/// and a cryptsetup-added keyslot that a FIDO2 token names. cryptfs cannot use them, keeps them
+/// through the passphrase wipe, warns and journals before the volume-key change that the change
+/// destroys their keyslots (the image's key is replaced: design/README.md, known limits), and
+/// afterwards the tokens are still there, naming no keyslot, and status shows exactly that.
 #[test]
 fn tokens_cryptfs_cannot_use_are_reported_and_never_deleted() {
     let rig = Rig::new(Image::Ci, 128);
-    let foreign = [
-        serde_json::json!({"type":"systemd-tpm2","keyslots":[],"tpm2-blob":"AAAA","tpm2-pcrs":[7],
-            "tpm2-pcr-bank":"sha256","tpm2-primary-alg":"ecc","tpm2-policy-hash":"00","tpm2-pin":true}),
-        serde_json::json!({"type":"systemd-tpm2","keyslots":[],"tpm2-blob":"AAAA","tpm2-pcrs":[7],
-            "tpm2-pcr-bank":"sha256","tpm2-primary-alg":"ecc","tpm2-policy-hash":"00","tpm2-pin":false,
-            "tpm2_srk":"AAAA"}),
-        serde_json::json!({"type":"systemd-fido2","keyslots":[],"fido2-credential":"AAAA",
-            "fido2-salt":"AAAA","fido2-rp":"io.systemd.cryptsetup","fido2-clientPin-required":true,
-            "fido2-up-required":true,"fido2-uv-required":false}),
-    ];
-    for token in &foreign {
+    cryptenroll(
+        &rig,
+        &[
+            &format!("--tpm2-device=swtpm:port={}", rig.tpm.port),
+            "--tpm2-pcrs=7",
+            "--tpm2-with-pin=yes",
+        ],
+        &[("NEWPIN", "24680")],
+    );
+    const RECOVERY: &str = "a recovery passphrase of the user's";
+    const FIDO2_SLOT: u32 = 5;
+    cryptsetup_add_passphrase(&rig, FIDO2_SLOT, RECOVERY);
+    let fido2 = serde_json::json!({"type":"systemd-fido2","keyslots":[FIDO2_SLOT.to_string()],
+        "fido2-credential":"AAAA","fido2-salt":"AAAA","fido2-rp":"io.systemd.cryptsetup",
+        "fido2-clientPin-required":true,"fido2-up-required":true,"fido2-uv-required":false});
+    let unbound = serde_json::json!({"type":"systemd-tpm2","keyslots":[],"tpm2-blob":"AAAA",
+        "tpm2-pcrs":[7],"tpm2-pcr-bank":"sha256","tpm2-primary-alg":"ecc","tpm2-policy-hash":"00",
+        "tpm2-pin":false,"tpm2_srk":"AAAA"});
+    for token in [&fido2, &unbound] {
         cryptfs::luks::device::add_token(&rig.device, token).expect("add foreign token");
     }
+    let meta = common::luks2(&rig.device);
+    let (pin_token, pin_slot) = meta
+        .tokens
+        .iter()
+        .find(|(_, t)| t.json["tpm2-pin"] == true)
+        .map(|(id, t)| (*id, t.keyslots[0]))
+        .expect("systemd-cryptenroll's TPM2+PIN token with its keyslot");
+    let foreign_slots = [pin_slot, FIDO2_SLOT];
+    let foreign_tokens: Vec<u32> = meta.tokens.keys().copied().collect();
+    assert!(
+        opens(&rig, FIDO2_SLOT, RECOVERY),
+        "the added keyslot unlocks at first"
+    );
+    assert_eq!(foreign_tokens.len(), 3);
     let s = rig.status();
-    let roles: Vec<(String, String)> = s["device"]["tokens"]
+    let roles: Vec<&str> = s["device"]["tokens"]
         .as_array()
         .expect("tokens")
         .iter()
-        .map(|t| {
-            (
-                t["type"].as_str().expect("t").into(),
-                t["role"].as_str().expect("r").into(),
-            )
-        })
+        .map(|t| t["role"].as_str().expect("role"))
         .collect();
-    assert_eq!(roles.len(), 3);
-    assert!(roles.iter().all(|(_, role)| role == "other"), "{roles:?}");
+    assert_eq!(roles, ["other"; 3], "{s}");
     let human = String::from_utf8_lossy(&rig.cryptfs(&["status"]).stdout).into_owned();
     assert!(
         human.contains("not usable by this device's protector; kept"),
         "{human}"
     );
 
-    rig.run_stage("initramfs");
+    // The initramfs stage: KEK enrolled, passphrase wiped, re-encryption set up. The foreign
+    // keyslots survive the wipe (tokens name them); the loss to come is said before the step.
+    let out = rig.run_stage("initramfs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warning = format!(
+        "replacing the volume key destroys keyslot {pin_slot} (used by token {pin_token} \
+         (systemd-tpm2)), keyslot {FIDO2_SLOT} (used by token"
+    );
+    assert!(
+        stderr.contains(&warning),
+        "no warning {warning:?} in:\n{stderr}"
+    );
+    let meta = common::luks2(&rig.device);
+    for slot in foreign_slots {
+        assert!(
+            meta.keyslots.contains_key(&slot),
+            "keyslot {slot} kept by the wipe"
+        );
+    }
+    // Kept, yet it no longer unlocks: while a re-encryption is in flight, activation needs
+    // both volume keys from one passphrase (the cryptsetup CLI behaves the same).
+    assert!(
+        !opens(&rig, FIDO2_SLOT, RECOVERY),
+        "unlocks mid-re-encryption"
+    );
+    let s = rig.status();
+    assert_eq!(s["state"], "reencrypting");
+    let note = s["journal"]["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .find_map(|r| r["details"].get("keyslots_lost_at_reencryption").cloned())
+        .expect("journal note before init-reencrypt");
+    assert_eq!(note, serde_json::json!(foreign_slots), "{note}");
+
+    // After the volume-key change: the old key's keyslots are gone, the tokens are not.
     rig.run_stage("userspace");
     let meta = common::luks2(&rig.device);
-    for token in &foreign {
+    assert_eq!(rig.status()["state"], "header-backed-up");
+    for slot in foreign_slots {
         assert!(
-            meta.tokens.values().any(|t| t.json == *token),
-            "foreign token kept: {token}"
+            !meta.keyslots.contains_key(&slot),
+            "keyslot {slot} survived: {:?}",
+            meta.keyslots
+        );
+    }
+    assert!(!opens(&rig, FIDO2_SLOT, RECOVERY));
+    assert!(common::volume_key_with(&rig.device, RECOVERY).is_none());
+    for id in &foreign_tokens {
+        let token = meta
+            .tokens
+            .get(id)
+            .unwrap_or_else(|| panic!("token {id} deleted"));
+        assert!(
+            token.keyslots.is_empty(),
+            "token {id}: {:?}",
+            token.keyslots
         );
     }
     let s = rig.status();
-    assert_eq!(s["state"], "header-backed-up");
+    let reported: Vec<(String, serde_json::Value)> = s["device"]["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .filter(|t| t["role"] == "other")
+        .map(|t| {
+            (
+                t["type"].as_str().expect("type").to_string(),
+                t["keyslots"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(reported.len(), 3, "{s}");
+    assert!(
+        reported
+            .iter()
+            .all(|(_, slots)| *slots == serde_json::json!([])),
+        "status reports the tokens as naming no keyslot: {reported:?}"
+    );
+    // The device's own KEK still opens it.
+    let unlock = rig.cryptfs(&["unlock", "--test"]);
+    assert!(
+        unlock.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unlock.stderr)
+    );
+    assert_eq!(rig.files_inside(), rig.files);
 }

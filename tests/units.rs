@@ -12,6 +12,12 @@ const MODULE: &str = "units/initramfs-framework/cryptfs";
 
 /// `systemd-analyze verify` output for `unit_text` installed as cryptfs.service in a fresh root.
 fn verify(unit_text: &str) -> (bool, String) {
+    verify_with_drop_in(unit_text, None)
+}
+
+/// Likewise, with `drop_in` as the generator's drop-in (under /etc: systemd-analyze reads no
+/// generator output in a --root, and a drop-in reads the same from either place).
+fn verify_with_drop_in(unit_text: &str, drop_in: Option<&str>) -> (bool, String) {
     let root = tempfile::tempdir().expect("tempdir");
     let r = root.path();
     for d in [
@@ -32,6 +38,11 @@ fn verify(unit_text: &str) -> (bool, String) {
         ],
     );
     std::fs::write(r.join("etc/systemd/system/cryptfs.service"), unit_text).expect("unit");
+    if let Some(text) = drop_in {
+        let dir = r.join("etc/systemd/system/cryptfs.service.d");
+        std::fs::create_dir_all(&dir).expect("drop-in dir");
+        std::fs::write(dir.join(cryptfs::generator::DROP_IN), text).expect("drop-in");
+    }
     std::fs::write(r.join("etc/cryptfs/cryptfs.toml"), "").expect("config");
     let out = Command::new("systemd-analyze")
         .args([
@@ -78,6 +89,26 @@ fn the_service_is_non_blocking_low_priority_and_restart_safe() {
     assert_eq!(directive("CPUSchedulingPolicy"), Some("idle"));
     assert_eq!(directive("NotifyAccess"), Some("main"), "STATUS= progress");
     assert_eq!(directive("Restart"), Some("on-failure"));
+    // Bounded: the allowed starts, RestartSec= apart, fit inside the start-limit window, so a
+    // failure that keeps coming back hits the limit and the unit stops in "failed".
+    let seconds = |name: &str| -> u64 {
+        let v = directive(name).unwrap_or_else(|| panic!("{name}= missing"));
+        match v.strip_suffix("min") {
+            Some(m) => m.parse::<u64>().expect("minutes") * 60,
+            None => v.trim_end_matches('s').parse().expect("seconds"),
+        }
+    };
+    let burst: u64 = directive("StartLimitBurst")
+        .expect("StartLimitBurst= missing")
+        .parse()
+        .expect("burst");
+    let (interval, restart) = (seconds("StartLimitIntervalSec"), seconds("RestartSec"));
+    assert!((2..=10).contains(&burst), "a few tries: {burst}");
+    assert!(restart >= 30, "not a tight loop: {restart} s");
+    assert!(
+        burst * restart < interval,
+        "{burst} starts {restart} s apart must fall inside {interval} s to reach the limit"
+    );
     assert_eq!(directive("KillMode"), Some("mixed"));
     assert_eq!(
         directive("SuccessExitStatus").map(str::parse::<u8>),
@@ -127,4 +158,225 @@ fn the_initramfs_module_parses_and_is_enabled_only_when_configured() {
     assert!(!enabled(&config), "enabled without a configuration");
     std::fs::write(&config, "").expect("config");
     assert!(enabled(&config));
+}
+
+/// A directory of stand-ins for what the module calls (`findfs`, `mount`, `umount`, the
+/// `cryptfs` binary), each logging its arguments; the module itself runs unchanged under `sh`.
+struct ModuleRig {
+    dir: tempfile::TempDir,
+}
+
+impl ModuleRig {
+    fn new() -> ModuleRig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).expect("bin");
+        let fakes = [
+            (
+                "findfs",
+                "[ -n \"$FAKE_NO_BOOT\" ] && exit 1\necho /dev/fake-boot",
+            ),
+            ("mount", ""),
+            ("umount", ""),
+            ("sync", ""),
+            (
+                "cryptfs",
+                "case \"$1\" in\n\
+                 run) [ \"$FAKE_FAIL\" = run ] && { echo 'cryptfs: error: wipe-passphrase failed' >&2; exit 1; } ;;\n\
+                 unlock) [ \"$FAKE_FAIL\" = unlock ] && exit 1; echo /dev/mapper/rootfs ;;\n\
+                 esac\nexit 0",
+            ),
+        ];
+        for (name, body) in fakes {
+            let path = bin.join(name);
+            std::fs::write(
+                &path,
+                format!("#!/bin/sh\necho \"{name} $*\" >>\"$CALLS\"\n{body}\n"),
+            )
+            .expect("fake");
+            common::run("chmod", &["+x", &path.display().to_string()]);
+        }
+        ModuleRig { dir }
+    }
+
+    /// Sources the module with stub `msg`/`fatal`, runs `cryptfs_run`; returns (output, calls).
+    fn run(&self, env: &[(&str, &str)]) -> (String, Vec<String>) {
+        let module = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(MODULE);
+        let d = self.dir.path();
+        let calls = d.join("calls");
+        let _ = std::fs::remove_file(&calls);
+        let script = format!(
+            "msg() {{ echo \"MSG: $*\"; }}\nfatal() {{ echo \"FATAL: $*\"; exit 1; }}\n\
+             . {}\ncryptfs_run\necho \"ROOT: $bootparam_root\"",
+            module.display()
+        );
+        let out = Command::new("sh")
+            .args(["-c", &script])
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    d.join("bin").display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .env("CALLS", &calls)
+            .env("CRYPTFS_BIN", d.join("bin/cryptfs"))
+            .env("CRYPTFS_CONFIG", d.join("cryptfs.toml"))
+            .env("CRYPTFS_BOOT_DIR", d.join("boot"))
+            .env("CRYPTFS_WAIT_SECONDS", "0")
+            .envs(env.iter().copied())
+            .output()
+            .expect("sh");
+        let calls = std::fs::read_to_string(&calls)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect();
+        (
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            calls,
+        )
+    }
+}
+
+#[test]
+fn the_initramfs_module_unmounts_boot_and_says_what_happened_on_every_exit() {
+    let rig = ModuleRig::new();
+    let boot = rig.dir.path().join("boot").display().to_string();
+    let umount = format!("umount {boot}");
+    let mut paths = 0;
+
+    // A failure inside the stage: the journal has the state, the next boot resumes; /boot
+    // is unmounted before fatal, after the run.
+    let (out, calls) = rig.run(&[("FAKE_FAIL", "run")]);
+    assert!(
+        out.contains("FATAL: cryptfs: the initramfs stage failed"),
+        "{out}"
+    );
+    assert!(out.contains("next boot resumes"), "{out}");
+    assert!(!out.contains("nothing further was written"), "{out}");
+    assert_eq!(calls.last(), Some(&umount), "{calls:?}");
+    assert_eq!(calls.iter().filter(|c| **c == umount).count(), 1);
+    assert!(calls.iter().any(|c| c.starts_with("mount /dev/fake-boot")));
+    paths += 1;
+
+    // The unlock fails after a successful stage.
+    let (out, calls) = rig.run(&[("FAKE_FAIL", "unlock")]);
+    assert!(out.contains("FATAL: cryptfs: cannot unlock"), "{out}");
+    assert_eq!(calls.last(), Some(&umount), "{calls:?}");
+    paths += 1;
+
+    // Success: the mapping is handed over and /boot is unmounted too.
+    let (out, calls) = rig.run(&[]);
+    assert!(out.contains("ROOT: /dev/mapper/rootfs"), "{out}");
+    assert!(!out.contains("FATAL"), "{out}");
+    assert_eq!(calls.last(), Some(&umount), "{calls:?}");
+    paths += 1;
+
+    // No boot partition: nothing ran, nothing was mounted, so nothing is unmounted.
+    let (out, calls) = rig.run(&[("FAKE_NO_BOOT", "1")]);
+    assert!(
+        out.contains("FATAL: cryptfs: no partition labelled 'boot'"),
+        "{out}"
+    );
+    assert!(out.contains("nothing was written"), "{out}");
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("cryptfs ") || c.starts_with("umount")),
+        "{calls:?}"
+    );
+    paths += 1;
+    assert_eq!(paths, 4);
+}
+
+#[test]
+fn the_generator_makes_the_unit_require_the_configured_boot_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let config = d.join("cryptfs.toml");
+    std::fs::write(
+        &config,
+        common::config_text(
+            Path::new("/dev/disk/by-label/otaroot"),
+            Path::new("/srv/boot"),
+            "device:/dev/tpmrm0",
+            "journal = \"/var/lib/cryptfs/journal.redb\"",
+        ),
+    )
+    .expect("config");
+    let generator_dir = d.join("generator");
+    // As systemd calls it: three directories, the configuration at its default unless told.
+    let out = Command::new(common::BIN)
+        .args(["systemd-generator", "--config"])
+        .arg(&config)
+        .arg(&generator_dir)
+        .arg(d.join("early"))
+        .arg(d.join("late"))
+        .output()
+        .expect("cryptfs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drop_in = std::fs::read_to_string(
+        generator_dir
+            .join("cryptfs.service.d")
+            .join(cryptfs::generator::DROP_IN),
+    )
+    .expect("drop-in written");
+    assert!(
+        drop_in.contains("RequiresMountsFor=/srv/boot /var/lib/cryptfs\n"),
+        "{drop_in}"
+    );
+    let (ok, text) = verify_with_drop_in(UNIT, Some(&drop_in));
+    assert!(
+        ok && text.trim().is_empty(),
+        "systemd-analyze verify: {text}"
+    );
+    // systemd-analyze does read the drop-in there: a bad one is noticed.
+    let (_, text) = verify_with_drop_in(UNIT, Some(&drop_in.replace("=/srv/boot", "=srv/boot")));
+    assert!(
+        text.contains("RequiresMountsFor= path is not absolute"),
+        "the drop-in went unread: {text}"
+    );
+    // No configuration: nothing written, success (a generator never holds up boot).
+    let empty = d.join("empty");
+    let out = Command::new(common::BIN)
+        .args(["systemd-generator", "--config"])
+        .arg(d.join("missing.toml"))
+        .arg(&empty)
+        .output()
+        .expect("cryptfs");
+    assert!(out.status.success());
+    assert!(!empty.exists(), "nothing written without a configuration");
+    // The installed script passes systemd's arguments through to the binary.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../units/cryptfs-generator");
+    assert!(common::run("sh", &["-n", &script.display().to_string()])
+        .status
+        .success());
+    let via_script = d.join("via-script");
+    let out = Command::new("sh")
+        .arg(&script)
+        .arg(&via_script)
+        .arg(d.join("early"))
+        .arg(d.join("late"))
+        .env("CRYPTFS_BIN", common::BIN)
+        .output()
+        .expect("sh");
+    // The script uses the default configuration, which this machine has not: nothing written.
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!via_script.exists());
 }

@@ -4,6 +4,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// Where the configuration lives unless `--config` says otherwise (the unit and the initramfs
+/// module use this path too).
+pub const DEFAULT_CONFIG: &str = "/etc/cryptfs/cryptfs.toml";
+
 /// cryptfs: encrypt the root filesystem with a per-device, TPM-protected key, unattended and
 /// power-cut safe.
 #[derive(Debug, Parser)]
@@ -20,7 +24,7 @@ pub enum Command {
     /// Run a provisioning stage until it has nothing left to do.
     Run {
         /// Configuration file.
-        #[arg(long)]
+        #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Which stage.
         #[arg(long, value_enum, default_value_t = StageArg::All)]
@@ -29,7 +33,7 @@ pub enum Command {
     /// Show state, journal, device facts and progress.
     Status {
         /// Configuration file.
-        #[arg(long)]
+        #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
@@ -40,7 +44,7 @@ pub enum Command {
     /// open it.
     Unlock {
         /// Configuration file.
-        #[arg(long)]
+        #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Only test the unlock; activate nothing.
         #[arg(long)]
@@ -50,15 +54,31 @@ pub enum Command {
         device_path: bool,
     },
     /// Unlock with the KEK token (no activation) and write the decrypted filesystem image to
-    /// a file, for offline checks on machines without dm-crypt (demo, tests).
+    /// a file, for offline checks on machines without dm-crypt (demo, tests). Only in builds
+    /// with the `test-hooks` feature: a shipped binary has no way to write the plaintext out.
+    #[cfg(feature = "test-hooks")]
     #[command(hide = true)]
     ExportPlaintext {
         /// Configuration file.
-        #[arg(long)]
+        #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Output file.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// systemd generator (installed as `cryptfs-generator`): writes a drop-in that makes
+    /// cryptfs.service require the mounts of the configured boot_dir and journal.
+    #[command(hide = true)]
+    SystemdGenerator {
+        /// Configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// systemd's "normal" generator directory (the first of the three it passes).
+        normal_dir: PathBuf,
+        /// The "early" directory (unused).
+        early_dir: Option<PathBuf>,
+        /// The "late" directory (unused).
+        late_dir: Option<PathBuf>,
     },
 }
 
@@ -80,5 +100,40 @@ impl From<StageArg> for cryptfs_states::Stage {
             StageArg::Userspace => cryptfs_states::Stage::Userspace,
             StageArg::All => cryptfs_states::Stage::All,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_to_the_path_the_unit_and_the_module_use() {
+        let cli = Cli::try_parse_from(["cryptfs", "status"]).expect("parses");
+        match cli.command {
+            Command::Status { config, .. } => assert_eq!(config, PathBuf::from(DEFAULT_CONFIG)),
+            other => panic!("{other:?}"),
+        }
+        let unit = include_str!("../../units/cryptfs.service");
+        let module = include_str!("../../units/initramfs-framework/cryptfs");
+        assert!(unit.contains(DEFAULT_CONFIG) && module.contains(DEFAULT_CONFIG));
+    }
+
+    /// `export-plaintext` exists exactly when the `test-hooks` feature is on. The tests build
+    /// with `--all-features`; `cargo test -p cryptfs --lib` (no features) checks the shipped
+    /// side.
+    #[test]
+    fn export_plaintext_exists_only_with_test_hooks() {
+        let parsed =
+            Cli::try_parse_from(["cryptfs", "export-plaintext", "--out", "/tmp/x"]).map(|_| ());
+        assert_eq!(parsed.is_ok(), cfg!(feature = "test-hooks"), "{parsed:?}");
+    }
+
+    /// Likewise `CRYPTFS_BOOT_ID`: honoured with `test-hooks`, ignored without.
+    #[test]
+    fn boot_id_override_exists_only_with_test_hooks() {
+        std::env::set_var("CRYPTFS_BOOT_ID", "simulated-boot");
+        let id = crate::record::boot_id();
+        assert_eq!(id == "simulated-boot", cfg!(feature = "test-hooks"), "{id}");
     }
 }

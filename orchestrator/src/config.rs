@@ -25,7 +25,8 @@
 //! # pin_file = "/etc/cryptfs/pkcs11-pin"     so_pin_file = "/etc/cryptfs/pkcs11-so-pin"
 //!
 //! [reencrypt]
-//! hotzone_size = 8388608       # bytes; bounds crash-recovery time
+//! hotzone_size = "8M"          # bounds crash-recovery time: bytes, or a size as cryptsetup
+//!                              # reads it ("8M" = "8MiB" = 8 × 1024², "8MB" = 8 × 1000², "16384s")
 //! policy = "when-from-image"   # or "always" / "never"
 //! resume = "initramfs"         # or "background": after a crash, the initramfs only repairs
 //!                              # and the userspace service finishes the job
@@ -172,8 +173,9 @@ fn default_bank() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReencryptConfig {
-    /// Largest hotzone in bytes: bounds crash-recovery time (see design/).
-    #[serde(default = "default_hotzone")]
+    /// Largest hotzone in bytes: bounds crash-recovery time (see design/). Written as an
+    /// integer (bytes) or a string with cryptsetup's size suffixes (see [`parse_size`]).
+    #[serde(default = "default_hotzone", deserialize_with = "deserialize_size")]
     pub hotzone_size: u64,
     /// When the volume key is replaced.
     #[serde(default)]
@@ -199,6 +201,77 @@ fn default_hotzone() -> u64 {
 
 /// The largest configuration file read.
 pub const MAX_CONFIG_BYTES: u64 = 64 * 1024;
+
+/// A size that does not parse the way cryptsetup's `tools_string_to_size` parses it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// Not digits followed by an accepted suffix.
+    #[error(
+        "invalid size {0:?}: write bytes, or a number with one of cryptsetup's suffixes: \
+         s (512-byte sectors), K/M/G/T or KiB/MiB/GiB/TiB (powers of 1024), KB/MB/GB/TB \
+         (powers of 1000)"
+    )]
+    Invalid(String),
+    /// Larger than 2^64 - 1 bytes.
+    #[error("size {0:?} does not fit in 64 bits")]
+    Overflow(String),
+}
+
+/// Parses a size the way the cryptsetup CLI does (`tools_string_to_size`): decimal digits, then
+/// optionally one suffix letter (case-insensitive) `s` (512-byte sectors), `k`, `m`, `g` or `t`,
+/// itself optionally followed by `iB` (still powers of 1024) or `B` (powers of 1000). No sign,
+/// no space, no fraction; a value that overflows 64 bits is refused.
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
+    let invalid = || SizeError::Invalid(text.to_string());
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(digits_end);
+    if digits.is_empty() {
+        return Err(invalid());
+    }
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| SizeError::Overflow(text.to_string()))?;
+    let mut chars = suffix.chars();
+    let Some(unit) = chars.next() else {
+        return Ok(number);
+    };
+    let base: u64 = match chars.as_str() {
+        "" | "iB" => 1024,
+        "B" => 1000,
+        _ => return Err(invalid()),
+    };
+    let multiplier = match unit.to_ascii_lowercase() {
+        's' => Some(512),
+        'k' => Some(base),
+        'm' => base.checked_pow(2),
+        'g' => base.checked_pow(3),
+        't' => base.checked_pow(4),
+        _ => return Err(invalid()),
+    }
+    .ok_or_else(invalid)?;
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| SizeError::Overflow(text.to_string()))
+}
+
+fn deserialize_size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(deserializer).map_err(|_| {
+        serde::de::Error::custom(
+            "expected a size: a non-negative integer (bytes) or a string such as \"8M\"",
+        )
+    })? {
+        Size::Bytes(bytes) => Ok(bytes),
+        Size::Text(text) => parse_size(&text).map_err(serde::de::Error::custom),
+    }
+}
 
 impl Config {
     /// Reads and validates `path`.
@@ -270,15 +343,90 @@ impl Config {
                 DEFAULT_IMAGE_PASSPHRASE.as_bytes().to_vec(),
             )),
             Some(path) => {
-                let mut bytes =
-                    zeroize::Zeroizing::new(std::fs::read(path).with_context(|| {
-                        format!("cannot read image passphrase file {}", path.display())
-                    })?);
-                while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                    bytes.pop();
-                }
+                let bytes = crate::secret::read_secret_file(path, "image passphrase")?;
                 Ok(crate::secret::Passphrase::new(bytes.to_vec()))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_as_cryptsetup_parses_them() {
+        let mib = 1024 * 1024;
+        for (text, bytes) in [
+            ("8388608", 8 * mib),
+            ("8M", 8 * mib),
+            ("8m", 8 * mib),
+            ("8MiB", 8 * mib),
+            ("8miB", 8 * mib),
+            ("8MB", 8_000_000),
+            ("8mB", 8_000_000),
+            ("16384s", 8 * mib),
+            ("16384S", 8 * mib),
+            ("4K", 4096),
+            ("4KB", 4000),
+            ("1G", 1 << 30),
+            ("1GB", 1_000_000_000),
+            ("2T", 2 << 40),
+            ("2TB", 2_000_000_000_000),
+            ("0", 0),
+        ] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text}");
+        }
+    }
+
+    #[test]
+    fn sizes_cryptsetup_refuses_are_refused() {
+        for text in [
+            "", "M", "-8M", "+8M", " 8M", "8 M", "8.5M", "8Mb", "8MIB", "8Mi", "8MiBB", "8P", "8E",
+            "8B", "8x", "0x10",
+        ] {
+            assert!(
+                matches!(parse_size(text), Err(SizeError::Invalid(_))),
+                "{text:?} accepted: {:?}",
+                parse_size(text)
+            );
+        }
+        for text in [
+            "18446744073709551616",
+            "17179869184G",
+            "16777216T",
+            "36028797018963968s",
+        ] {
+            assert!(
+                matches!(parse_size(text), Err(SizeError::Overflow(_))),
+                "{text:?}: {:?}",
+                parse_size(text)
+            );
+        }
+        assert_eq!(parse_size("18446744073709551615"), Ok(u64::MAX));
+    }
+
+    fn hotzone(value: &str) -> Result<u64, String> {
+        #[derive(Deserialize)]
+        struct Section {
+            reencrypt: ReencryptConfig,
+        }
+        toml::from_str::<Section>(&format!("[reencrypt]\nhotzone_size = {value}\n"))
+            .map(|s| s.reencrypt.hotzone_size)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn hotzone_size_takes_an_integer_or_a_cryptsetup_size() {
+        assert_eq!(hotzone("8388608"), Ok(8 << 20));
+        assert_eq!(hotzone("\"8M\""), Ok(8 << 20));
+        assert_eq!(hotzone("\"8MiB\""), Ok(8 << 20));
+        assert_eq!(hotzone("\"16384s\""), Ok(8 << 20));
+        let err = hotzone("\"8 MB\"").expect_err("space");
+        assert!(err.contains("invalid size \"8 MB\""), "{err}");
+        let err = hotzone("\"99999999999T\"").expect_err("overflow");
+        assert!(err.contains("does not fit in 64 bits"), "{err}");
+        let err = hotzone("-1").expect_err("negative");
+        assert!(err.contains("expected a size"), "{err}");
     }
 }

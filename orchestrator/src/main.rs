@@ -130,6 +130,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::SystemdGenerator {
+            config, normal_dir, ..
+        } => {
+            // A generator must never hold up boot: a configuration it cannot use is reported
+            // (the journal shows generator output) and the unit keeps its static default.
+            match cryptfs::generator::run(&config, &normal_dir) {
+                Ok(_) => {}
+                Err(e) => eprintln!(
+                    "cryptfs-generator: no drop-in written, cryptfs.service keeps \
+                     RequiresMountsFor=/boot: {e:#}"
+                ),
+            }
+            Ok(())
+        }
+        #[cfg(feature = "test-hooks")]
         Command::ExportPlaintext { config, out } => {
             let config = Config::load(&config)?;
             let unlocked = cryptfs::unlock::with_token(&config)?;

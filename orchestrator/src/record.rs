@@ -79,11 +79,16 @@ pub fn journal_binding(records: &[Record]) -> JournalBinding {
     }
 }
 
-/// The current boot's id: the kernel's, or `CRYPTFS_BOOT_ID` (VM rigs and tests that simulate
-/// a reboot without one).
+/// The current boot's id: the kernel's, or — only in builds with the `test-hooks` feature —
+/// `CRYPTFS_BOOT_ID` (VM rigs and tests that simulate a reboot without one). A shipped build
+/// ignores the variable: the journal's boot ids are the kernel's.
 pub fn boot_id() -> String {
-    std::env::var("CRYPTFS_BOOT_ID")
-        .ok()
+    let overridden = if cfg!(feature = "test-hooks") {
+        std::env::var("CRYPTFS_BOOT_ID").ok()
+    } else {
+        None
+    };
+    overridden
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok())
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|| "unknown".to_string())

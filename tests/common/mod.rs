@@ -415,6 +415,19 @@ pub const USER_PIN: &str = "1234";
 /// In-process PKCS#11 use reads SOFTHSM2_CONF from the environment: one at a time.
 pub static SOFTHSM_ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Writes a PIN or passphrase file private to its owner (mode 0600), as cryptfs requires.
+pub fn write_secret(path: &Path, text: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    file.write_all(text.as_bytes()).expect("write secret");
+}
+
 impl SoftHsm {
     pub fn new(dir: &Path) -> SoftHsm {
         let tokens = dir.join("softhsm-tokens");
@@ -430,8 +443,8 @@ impl SoftHsm {
         .expect("conf");
         let pin = dir.join("pin");
         let so_pin = dir.join("so-pin");
-        std::fs::write(&pin, USER_PIN).expect("pin");
-        std::fs::write(&so_pin, "5678").expect("so pin");
+        write_secret(&pin, USER_PIN);
+        write_secret(&so_pin, "5678");
         SoftHsm { conf, pin, so_pin }
     }
 

@@ -58,6 +58,10 @@ cryptfs_run
 # What the framework's rootfs module does with the handed-over root.
 mount -t ext4 "$bootparam_root" "$ROOTFS_DIR" || fatal "cannot mount $bootparam_root"
 mark "mounted uptime=$(cut -d' ' -f1 /proc/uptime)"
+# The module unmounts the boot partition it mounted; the real system mounts it again from
+# fstab (the unit's RequiresMountsFor=), and so does the rig.
+grep -q " /boot " /proc/mounts && mark "boot-left-mounted"
+mount "$(findfs LABEL=boot)" /boot || fatal "cannot mount the boot partition"
 /usr/bin/cryptfs status --config /etc/cryptfs/cryptfs.toml
 
 cd "$ROOTFS_DIR/data" || fatal "no /data on the root filesystem"

@@ -202,6 +202,11 @@ fn run_in(work: &Path, bin: &Path, mib: u64) -> Result<()> {
     )?;
     let pass_file = work.join("pass");
     std::fs::write(&pass_file, "benchmark-passphrase")?;
+    // cryptfs refuses a passphrase file that group or others can read.
+    std::fs::set_permissions(
+        &pass_file,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )?;
     let cfg_ci = work.join("ci.toml");
     crate::demo::config(&cfg_ci, &ci, &work.join("boot-ci"), port)?;
     let mut text = std::fs::read_to_string(&cfg_ci)?;

@@ -146,7 +146,18 @@ pub(crate) fn config(path: &Path, device: &Path, boot: &Path, port: u16) -> Resu
 
 /// Runs the demo.
 pub fn run() -> Result<()> {
-    sh::run("cargo", &["build", "--quiet", "--package", "cryptfs"])?;
+    // The demo shows the plaintext inside the volume with `export-plaintext`, a test hook.
+    sh::run(
+        "cargo",
+        &[
+            "build",
+            "--quiet",
+            "--package",
+            "cryptfs",
+            "--features",
+            "test-hooks",
+        ],
+    )?;
     let bin = std::env::current_dir()?.join("target/debug/cryptfs");
     let work = std::env::temp_dir().join(format!("cryptfs-demo-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;

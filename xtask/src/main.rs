@@ -68,7 +68,10 @@ fn main() -> Result<()> {
     }
 }
 
-/// Installs what is missing.
+/// Installs what is missing, and never removes a package the machine has: the install is
+/// simulated first (`apt-get -s`), and if apt would remove anything to satisfy it, nothing is
+/// installed and the packages apt wanted to remove are named. The real install then runs with
+/// `--no-remove` as well (apt-get aborts rather than remove).
 fn deps() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
@@ -86,14 +89,34 @@ fn deps() -> Result<()> {
         return Ok(());
     }
     println!("xtask: installing {}", missing.join(" "));
-    sh::run_env(
-        "apt-get",
-        &["update", "-qq"],
-        &[("DEBIAN_FRONTEND", "noninteractive")],
-    )?;
-    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    args.extend(missing.iter().copied());
-    sh::run_env("apt-get", &args, &[("DEBIAN_FRONTEND", "noninteractive")])
+    let env = [("DEBIAN_FRONTEND", "noninteractive")];
+    sh::run_env("apt-get", &["update", "-qq"], &env)?;
+    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    install.extend(missing.iter().copied());
+    let mut simulate = vec!["-s"];
+    simulate.extend(install.iter().copied());
+    let plan = sh::output("apt-get", &simulate)?;
+    let removals = apt_removals(&plan);
+    if !removals.is_empty() {
+        bail!(
+            "installing {} would make apt-get remove {}, which this machine has; xtask never \
+             removes a package you installed. Install the missing packages yourself, choosing \
+             how to resolve the conflict (e.g. versions from one release), then run it again",
+            missing.join(" "),
+            removals.join(" ")
+        );
+    }
+    install.insert(1, "--no-remove");
+    sh::run_env("apt-get", &install, &env)
+}
+
+/// The packages an `apt-get -s` plan removes (its `Remv <package> [<version>]` lines).
+fn apt_removals(plan: &str) -> Vec<String> {
+    plan.lines()
+        .filter_map(|l| l.strip_prefix("Remv "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(String::from)
+        .collect()
 }
 
 /// Everything CI runs.
@@ -237,4 +260,45 @@ fn fuzz(secs: Option<&str>) -> Result<()> {
         FUZZ_TARGETS.len()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On apt-get's real simulation output: a removal plan names the package, an install plan
+    /// of a package the machine has names none.
+    #[test]
+    fn removals_are_read_from_a_real_apt_get_simulation() {
+        let installed = |p: &str| {
+            sh::succeeds(
+                "dpkg-query",
+                &["-W", "-f=${Status}", p],
+                "install ok installed",
+            )
+        };
+        if !installed("b3sum") {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI installs b3sum (cargo xtask deps)"
+            );
+            return;
+        }
+        let remove = sh::output("apt-get", &["-s", "remove", "b3sum"]).expect("apt-get -s");
+        assert_eq!(apt_removals(&remove), ["b3sum"], "{remove}");
+        let install = sh::output("apt-get", &["-s", "--no-remove", "install", "b3sum"])
+            .expect("apt-get -s install");
+        assert!(apt_removals(&install).is_empty(), "{install}");
+    }
+
+    #[test]
+    fn removals_of_the_reported_case_are_named() {
+        // The shape of the plan behind issue 9, in apt-get's simulation format: a qemu from
+        // another release displacing the machine's qemu-utils.
+        let plan = "Reading package lists...\nThe following packages will be REMOVED:\n  \
+                    qemu-utils\nRemv qemu-utils [1:7.2+dfsg-7+deb12u7]\n\
+                    Inst qemu-system-x86 (1:8.2.2 other-release [amd64])\n";
+        assert_eq!(apt_removals(plan), ["qemu-utils"]);
+    }
 }

@@ -103,12 +103,10 @@ impl Pkcs11Uri {
 }
 
 fn read_pin(path: &Path, what: &str) -> crate::Result<AuthPin> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the PKCS#11 {what} file {}", path.display()))?;
-    let pin = zeroize::Zeroizing::new(text);
-    Ok(AuthPin::from(
-        pin.trim_end_matches(['\n', '\r']).to_string(),
-    ))
+    let bytes = crate::secret::read_secret_file(path, &format!("PKCS#11 {what}"))?;
+    let pin = std::str::from_utf8(&bytes)
+        .with_context(|| format!("the PKCS#11 {what} file {} is not UTF-8", path.display()))?;
+    Ok(AuthPin::from(pin.to_string()))
 }
 
 impl Pkcs11Protector {

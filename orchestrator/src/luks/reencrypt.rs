@@ -2,6 +2,7 @@
 //! driven as separate calls so that cryptfs can journal and flush between them.
 
 use std::os::raw::c_void;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::{bail, Context};
@@ -82,7 +83,14 @@ pub fn prepare_in_place(
     hotzone_bytes: u64,
     token: impl FnOnce(u32) -> serde_json::Value,
 ) -> crate::Result<u32> {
-    let file = std::fs::File::create(temp_header)
+    // Key material (the keyslot area): created afresh, never through an existing file or a
+    // symlink planted there (O_EXCL), and private from its first byte (mode 0600, whatever the
+    // umask). The caller removes a stale copy of its own before.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(temp_header)
         .with_context(|| format!("cannot create {}", temp_header.display()))?;
     file.set_len(4096)?;
     drop(file);

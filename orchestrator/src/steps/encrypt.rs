@@ -148,8 +148,37 @@ fn ensure_room_for_header(dev: &Path, size_bytes: u64) -> crate::Result<()> {
     Ok(())
 }
 
+/// A temporary header already at its path is ours only when this step's intent is journaled
+/// (a resumed run whose prepare was cut short: it goes, and is made afresh). Anything else is
+/// foreign (another tool, a stale copy from another journal, a planted file) and is refused
+/// before any write: it may be the only copy of someone's keyslot, and it is not ours to use.
+fn check_stale_temp_header(ctx: &StepContext<'_>) -> crate::Result<()> {
+    let temp_header = ctx.config.temp_header_path();
+    let Ok(meta) = std::fs::symlink_metadata(&temp_header) else {
+        return Ok(());
+    };
+    if record::pending(ctx.rec.journal(), STEP).is_none() {
+        bail!(
+            "refusing to encrypt {}: {} already exists and the journal has no in-place \
+             encryption in progress, so it is not this run's temporary header; inspect it \
+             (`cryptsetup luksDump {}`) and move it away if it is not needed",
+            ctx.config.device.display(),
+            temp_header.display(),
+            temp_header.display()
+        );
+    }
+    if !meta.is_file() {
+        bail!(
+            "{} is not a regular file: refusing to use or remove it",
+            temp_header.display()
+        );
+    }
+    Ok(())
+}
+
 fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::Result<()> {
     let dev = ctx.config.device.clone();
+    check_stale_temp_header(ctx)?;
     let size_bytes = restore_journaled_length(ctx, size_bytes)?;
     let dev_str = dev.display().to_string();
     // Preconditions, all before the first write.
@@ -223,7 +252,13 @@ fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::R
         std::fs::create_dir_all(dir)?;
     }
     if temp_header.exists() {
-        std::fs::remove_file(&temp_header)?;
+        // Checked above: journaled as ours, from a prepare that a crash cut short.
+        tracing::warn!(
+            path = %temp_header.display(),
+            "removing the temporary header of an interrupted prepare; it is made afresh"
+        );
+        std::fs::remove_file(&temp_header)
+            .with_context(|| format!("cannot remove {}", temp_header.display()))?;
     }
     let token_type = ctx.kek.token_type();
     let passphrase = secret.keyslot_passphrase();

@@ -1,6 +1,5 @@
 //! `init-reencrypt` and `reencrypt`: replace the volume key that came from the image.
 
-use std::io::Write;
 use std::sync::atomic::Ordering;
 
 use anyhow::{anyhow, bail};
@@ -24,9 +23,76 @@ fn active_name(ctx: &StepContext<'_>) -> Option<String> {
         .flatten()
 }
 
+/// Keyslots a volume-key change destroys: every keyslot bound to the current volume key (the
+/// data segment's digest) except `kek_keyslot`, which gets a successor for the new key. When
+/// the re-encryption completes libcryptsetup drops the old key's keyslots; the tokens naming
+/// them stay, naming none (design/README.md: known limits). Returned with their tokens' types.
+pub fn keyslots_lost_by_volume_key_change(
+    meta: &Luks2Metadata,
+    kek_keyslot: u32,
+) -> Vec<(u32, Vec<String>)> {
+    let bound: Vec<u32> = meta
+        .json
+        .get("digests")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flat_map(|digests| digests.values())
+        .filter(|d| {
+            d.get("segments")
+                .and_then(Value::as_array)
+                .is_some_and(|s| s.iter().any(|x| x.as_str() == Some("0")))
+        })
+        .filter_map(|d| d.get("keyslots").and_then(Value::as_array))
+        .flatten()
+        .filter_map(|k| k.as_str()?.parse().ok())
+        .collect();
+    bound
+        .into_iter()
+        .filter(|slot| *slot != kek_keyslot)
+        .map(|slot| {
+            let tokens = meta
+                .tokens_of(slot)
+                .map(|(id, t)| format!("token {id} ({})", t.kind))
+                .collect();
+            (slot, tokens)
+        })
+        .collect()
+}
+
 /// Marks the header for re-encryption with a new volume key.
 pub fn init(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()> {
     let (keyslot, passphrase) = super::unlock_with_token(ctx, meta)?;
+    let lost = keyslots_lost_by_volume_key_change(meta, keyslot);
+    if !lost.is_empty() {
+        let described: Vec<String> = lost
+            .iter()
+            .map(|(slot, tokens)| match tokens.as_slice() {
+                [] => format!("keyslot {slot}"),
+                t => format!("keyslot {slot} (used by {})", t.join(", ")),
+            })
+            .collect();
+        tracing::warn!(
+            "replacing the volume key destroys {}: those keyslots hold the image's key only, \
+             so they stop unlocking now (during the re-encryption activation needs both keys) \
+             and libcryptsetup drops them when it completes; their tokens are kept but will \
+             name no keyslot. Enroll them again afterwards (e.g. systemd-cryptenroll)",
+            described.join(", ")
+        );
+        ctx.rec.note(
+            Step::InitReencrypt.name(),
+            Some(ctx.state),
+            Journal::details([
+                (
+                    "keyslots_lost_at_reencryption",
+                    Value::from(lost.iter().map(|(s, _)| *s).collect::<Vec<_>>()),
+                ),
+                (
+                    "tokens_left_without_keyslot",
+                    Value::from(lost.iter().flat_map(|(_, t)| t.clone()).collect::<Vec<_>>()),
+                ),
+            ]),
+        )?;
+    }
     ctx.rec.intent(
         Step::InitReencrypt,
         ctx.state,
@@ -227,8 +293,8 @@ fn mark_reencrypted(ctx: &mut StepContext<'_>) -> crate::Result<()> {
     }
 }
 
-/// Drives a re-encryption (either kind) to its end with progress in the log, on stderr and
-/// in the journal (at most every 5 %). Stops cleanly between hotzones when asked to.
+/// Drives a re-encryption (either kind) to its end, every progress update through
+/// [`crate::progress::Progress`]. Stops cleanly between hotzones when asked to.
 pub fn drive(
     ctx: &mut StepContext<'_>,
     kind: luks_reencrypt::Kind,
@@ -258,27 +324,11 @@ pub fn drive(
     let stop = ctx.stop.clone();
     let rec = &mut *ctx.rec;
     let mut journal_error = None;
-    let mut last_recorded = 0u64;
-    let started = std::time::Instant::now();
+    let mut progress = crate::progress::Progress::new(step);
     let mut report = |done: u64, total: u64| -> bool {
-        if total > 0 && (done == total || done >= last_recorded + total / 20) {
-            if let Err(e) = rec.progress(step, done, total) {
-                journal_error = Some(e);
-                return false;
-            }
-            last_recorded = done;
-            let mib = |b: u64| b / (1024 * 1024);
-            let secs = started.elapsed().as_secs_f64().max(0.001);
-            tracing::info!(step = %step, done_mib = mib(done), total_mib = mib(total), "progress");
-            let line = format!(
-                "{step}: {:>3}% ({} of {} MiB, {:.1} MiB/s)",
-                done * 100 / total,
-                mib(done),
-                mib(total),
-                done as f64 / (1024.0 * 1024.0) / secs
-            );
-            let _ = writeln!(std::io::stderr().lock(), "cryptfs: {line}");
-            crate::notify::status(&line);
+        if let Err(e) = progress.update(rec, done, total) {
+            journal_error = Some(e);
+            return false;
         }
         if done > 0 && done < total {
             failpoint::hit(&format!("{step}:mid"));
