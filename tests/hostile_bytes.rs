@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{config_text, cryptfs_with, file_blake3, run, Swtpm};
+use common::{config_text, cryptfs_with, file_blake3, run, run_with_stdin, Swtpm};
 use cryptfs::kek::tpm2::{Tpm2Protector, Tpm2Token};
 use cryptfs::kek::{KekProtector, SealedKek};
 use cryptfs::luks::finalize::{self, AreaBounds, BinaryHeader};
@@ -225,26 +225,7 @@ fn assert_clear(err: &anyhow::Error, what: &str) {
 // Real artefacts.
 
 fn cryptsetup(args: &[&str], stdin: &[u8]) {
-    let mut child = Command::new("cryptsetup")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cryptsetup");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin)
-        .expect("stdin");
-    let out = child.wait_with_output().expect("wait");
-    assert!(
-        out.status.success(),
-        "cryptsetup {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_with_stdin("cryptsetup", args, stdin);
 }
 
 /// A LUKS2 image (pbkdf2, cheap) of `mib` MiB, passphrase `pw`.

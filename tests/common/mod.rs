@@ -123,6 +123,31 @@ pub fn run(program: &str, args: &[&str]) -> Output {
     out
 }
 
+/// Runs `program` with `stdin` on its standard input; panics unless it succeeds.
+pub fn run_with_stdin(program: &str, args: &[&str], stdin: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("stdin");
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A directory of random files (sizes from 1 KiB to 3 MiB, one of 12 MiB); returns their hashes.
 pub fn sample_tree(dir: &Path, seed: u64) -> BTreeMap<String, String> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
