@@ -1,81 +1,214 @@
-//! The crash harness of issue 5: a run is cut (SIGKILL, by `strace -e inject`) at *every*
-//! `fsync` and `fdatasync` of each long operation, then the normal boot path runs again. cryptfs
-//! must reach `header-backed-up` with no manual step, every file byte-identical, no passphrase
-//! keyslot and a valid journal that shows the cut. The same cuts applied to the `cryptsetup` CLI
-//! followed by the reference's recovery (`cryptsetup repair` + `reencrypt --resume-only`) are
-//! measured beside it, in the same run, as the anchor. Prints a table.
+//! The crash harness of issue 5, with the counting of issue 9: a run is cut (SIGKILL of its whole
+//! process tree) at *every* sync point of each long operation, then the normal boot path runs
+//! again. cryptfs must reach `header-backed-up` with no manual step, every file byte-identical, no
+//! passphrase keyslot and a valid journal that shows the cut. The same cuts applied to the
+//! `cryptsetup` CLI followed by the reference's recovery (`cryptsetup repair` + `reencrypt
+//! --resume-only`) are measured beside it, in the same run, as the anchor.
+//!
+//! The cuts come from the `LD_PRELOAD` shim `tests/cutshim` (built by this harness): every
+//! `fsync`, `fdatasync`, `syncfs`, `sync`, `sync_file_range` and `msync(MS_SYNC)` of every process
+//! of the run (cryptfs, its `e2fsck` / `resize2fs`; the `cryptsetup` CLI) takes one number from a
+//! counter shared by the whole tree, so sync point N is one global point in the order the writes
+//! were made durable. An uncut run gives the points; then every point is cut once, and a cut
+//! counts only when it was taken (the shim's marker is there and the run did not finish). The
+//! tables (points, cuts taken, intact) are written to `design/results/fsync_cuts-*.md`.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 
 use common::{Image, Rig, BIN};
 
 const SIZE_MIB: u64 = 96;
 const PASSPHRASE: &str = "anchor-passphrase";
 
-/// Runs `cmd` under strace, killed at the `n`-th `syscall` (n = 0: only count them).
-fn under_strace(
-    cmd: &[String],
-    syscall: &str,
-    n: usize,
-    env: &[(&str, &str)],
-    dir: &Path,
-) -> (Output, usize) {
-    let log = dir.join("strace.log");
-    let mut c = Command::new("strace");
-    c.args(["-f", "-o"])
-        .arg(&log)
-        .args(["-e", &format!("trace={syscall}")]);
-    if n > 0 {
-        c.args(["-e", &format!("inject={syscall}:signal=SIGKILL:when={n}")]);
+/// Builds the shim (its own target directory, so the build does not wait for the lock of the
+/// `cargo test` that runs this) and returns the library's path.
+fn shim() -> &'static Path {
+    static SHIM: OnceLock<PathBuf> = OnceLock::new();
+    SHIM.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let target = root.join("target").join("cutshim");
+        let out = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "--package", "cutshim", "--target-dir"])
+            .arg(&target)
+            .current_dir(&root)
+            .output()
+            .expect("cargo");
+        assert!(
+            out.status.success(),
+            "building tests/cutshim failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lib = target.join("debug").join("libcutshim.so");
+        assert!(lib.exists(), "{} missing after the build", lib.display());
+        lib
+    })
+}
+
+/// What one run under the shim did.
+struct ShimRun {
+    out: Output,
+    /// Sync calls numbered by the shim (for a cut run: up to and including the cut).
+    syncs: u64,
+    /// The shim's marker: `cut at N pid P syscall S exe E`, present only when it cut.
+    marker: Option<String>,
+    /// `exe syscall` of every numbered call, in order.
+    calls: Vec<String>,
+}
+
+impl ShimRun {
+    /// The cut was taken: the shim cut at the armed point and the run did not finish.
+    fn cut_taken(&self, n: u64) -> bool {
+        self.marker
+            .as_deref()
+            .is_some_and(|m| m.starts_with(&format!("cut at {n} ")))
+            && !self.out.status.success()
     }
-    c.args(cmd).current_dir(dir).stdin(Stdio::null());
+}
+
+/// Runs `cmd` in a process group of its own with the shim preloaded; `cut_at` arms the cut.
+fn under_shim(cmd: &[String], cut_at: Option<u64>, env: &[(&str, &str)], dir: &Path) -> ShimRun {
+    let state = dir.join("cutshim");
+    std::fs::create_dir_all(&state).expect("shim dir");
+    let counter = state.join("counter");
+    let marker = state.join("marker");
+    let log = state.join("log");
+    std::fs::write(&counter, "0").expect("counter");
+    let _ = std::fs::remove_file(&marker);
+    let _ = std::fs::remove_file(&log);
+    let mut c = Command::new(&cmd[0]);
+    c.args(&cmd[1..])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .process_group(0)
+        .env("LD_PRELOAD", shim())
+        .env("CUTSHIM_COUNTER", &counter)
+        .env("CUTSHIM_MARKER", &marker)
+        .env("CUTSHIM_LOG", &log)
+        .env("CUTSHIM_CUT_AT", cut_at.unwrap_or(0).to_string());
     for (k, v) in env {
         c.env(k, v);
     }
-    let out = c.output().expect("strace (package strace)");
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let count = text
+    let out = c.output().expect("run under the shim");
+    let syncs = std::fs::read_to_string(&counter)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let calls = std::fs::read_to_string(&log)
+        .unwrap_or_default()
         .lines()
-        .filter(|l| {
-            l.contains(&format!("{syscall}(")) || l.contains(&format!("<... {syscall} resumed>"))
+        .map(|l| {
+            let syscall = l
+                .split(" syscall ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next());
+            let exe = l.split(" exe ").nth(1);
+            format!("{} {}", exe.unwrap_or("?"), syscall.unwrap_or("?"))
         })
-        .filter(|l| !l.contains("<unfinished ...>"))
-        .count();
-    (out, count)
+        .collect();
+    ShimRun {
+        out,
+        syncs,
+        marker: std::fs::read_to_string(&marker).ok(),
+        calls,
+    }
+}
+
+/// The sync points of an uncut run, which must finish: every point, and where each one is.
+fn count_points(cmd: &[String], env: &[(&str, &str)], dir: &Path, what: &str) -> (u64, String) {
+    let run = under_shim(cmd, None, env, dir);
+    assert!(
+        run.out.status.success() && run.marker.is_none(),
+        "{what}: the uncut run failed: {}",
+        String::from_utf8_lossy(&run.out.stderr)
+    );
+    assert_eq!(
+        run.calls.len() as u64,
+        run.syncs,
+        "{what}: the log and the counter disagree"
+    );
+    let mut by: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in &run.calls {
+        *by.entry(c.as_str()).or_default() += 1;
+    }
+    let breakdown = by
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (run.syncs, breakdown)
 }
 
 struct Row {
     operation: &'static str,
-    syscall: &'static str,
-    cuts: usize,
-    intact: usize,
+    recovery: &'static str,
+    /// Sync points of the uncut run.
+    points: u64,
+    /// Points where the cut was taken (the run was killed there).
+    taken: u64,
+    /// Cuts taken after which recovery gave every file back intact.
+    intact: u64,
+    /// Points where the cut was not taken (the run finished or died elsewhere).
+    not_taken: Vec<u64>,
     failures: Vec<String>,
+    breakdown: String,
 }
 
 impl Row {
-    fn print(&self, who: &str) {
-        eprintln!(
-            "| {:<30} | {:<9} | {:<36} | {:>4} | {:>4} |{}",
+    fn line(&self) -> String {
+        format!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
             self.operation,
-            self.syscall,
-            who,
-            self.cuts,
+            self.recovery,
+            self.points,
+            self.taken,
             self.intact,
             if self.failures.is_empty() {
-                String::new()
+                "—".to_string()
             } else {
-                format!(" {}", self.failures.join(" "))
-            }
-        );
+                self.failures.join(", ")
+            },
+            self.breakdown
+        )
     }
 }
 
-/// cryptfs: every cut of `stage` from the snapshot, recovered by `run --stage all`.
-fn sweep_cryptfs(rig: &Rig, operation: &'static str, stage: &str, syscall: &'static str) -> Row {
+/// Writes and prints the operation's table.
+fn report(file: &str, rows: &[&Row]) {
+    let mut text = String::from(
+        "<!-- Written by tests/fsync_cuts.rs (`cargo test --package cryptfs --all-features \
+         --test fsync_cuts -- --nocapture`); a run regenerates it. -->\n\n",
+    );
+    text.push_str(&format!(
+        "{SIZE_MIB} MiB image, 8 MiB hotzone. A point is one sync call (fsync, fdatasync, syncfs, \
+         sync, sync_file_range, msync MS_SYNC) of any process of the run, numbered in one global \
+         order; every point is cut once; only cuts taken count.\n\n"
+    ));
+    text.push_str(
+        "| operation | recovery | sync points | cuts taken | intact | failing cuts (point: why) | points by program and call (uncut run) |\n",
+    );
+    text.push_str("|---|---|---|---|---|---|---|\n");
+    for row in rows {
+        text.push_str(&row.line());
+        text.push('\n');
+        if !row.not_taken.is_empty() {
+            text.push_str(&format!(
+                "\n{} / {}: cut not taken at points {:?}\n",
+                row.operation, row.recovery, row.not_taken
+            ));
+        }
+    }
+    eprintln!("\n{text}");
+    common::write_result(file, &text);
+}
+
+/// cryptfs: every sync point of `stage` from the snapshot, recovered by `run --stage all`.
+fn sweep_cryptfs(rig: &Rig, operation: &'static str, stage: &str) -> Row {
     let snap = rig.dir.path().join("snapshot");
     std::fs::create_dir_all(&snap).expect("snap");
     let snap_img = snap.join("root.img");
@@ -92,20 +225,28 @@ fn sweep_cryptfs(rig: &Rig, operation: &'static str, stage: &str, syscall: &'sta
         .collect();
     let env = [("CRYPTFS_BOOT_ID", "cut"), ("CRYPTFS_LOG", "warn")];
     restore();
-    let (_, total) = under_strace(&cmd, syscall, 0, &env, rig.dir.path());
+    let (points, breakdown) = count_points(&cmd, &env, rig.dir.path(), operation);
     let mut row = Row {
         operation,
-        syscall,
-        cuts: total,
+        recovery: "cryptfs (run --stage all)",
+        points,
+        taken: 0,
         intact: 0,
+        not_taken: Vec::new(),
         failures: Vec::new(),
+        breakdown,
     };
-    for n in 1..=total {
+    for n in 1..=points {
         restore();
-        under_strace(&cmd, syscall, n, &env, rig.dir.path());
+        let run = under_shim(&cmd, Some(n), &env, rig.dir.path());
+        if !run.cut_taken(n) {
+            row.not_taken.push(n);
+            continue;
+        }
+        row.taken += 1;
         match common::cryptfs_recovers(rig) {
             Ok(()) => row.intact += 1,
-            Err(why) => row.failures.push(format!("{n}:{why}")),
+            Err(why) => row.failures.push(format!("{n}: {why}")),
         }
     }
     restore();
@@ -147,18 +288,26 @@ fn sweep_reference(
         }
     };
     std::fs::copy(pre, &img).expect("copy");
-    let (_, total) = under_strace(&cmd, "fsync", 0, &[], &work);
+    let (points, breakdown) = count_points(&cmd, &[], &work, operation);
     let mut row = Row {
         operation,
-        syscall: "fsync",
-        cuts: total,
+        recovery: "cryptsetup repair + --resume-only",
+        points,
+        taken: 0,
         intact: 0,
+        not_taken: Vec::new(),
         failures: Vec::new(),
+        breakdown,
     };
-    for n in 1..=total {
+    for n in 1..=points {
         clean(&work);
         std::fs::copy(pre, &img).expect("copy");
-        under_strace(&cmd, "fsync", n, &[], &work);
+        let run = under_shim(&cmd, Some(n), &[], &work);
+        if !run.cut_taken(n) {
+            row.not_taken.push(n);
+            continue;
+        }
+        row.taken += 1;
         let i = img.display().to_string();
         let is_luks = Command::new("cryptsetup")
             .args(["isLuks", &i])
@@ -176,15 +325,49 @@ fn sweep_reference(
         }
         match common::passphrase_volume_files(&work, &img, PASSPHRASE) {
             Some(found) if found == *files => row.intact += 1,
-            _ => row.failures.push(n.to_string()),
+            Some(_) => row.failures.push(format!("{n}: files differ")),
+            None => row
+                .failures
+                .push(format!("{n}: does not open or fsck fails")),
         }
     }
     row
 }
 
-fn header() {
-    eprintln!("\n| operation                      | cut at    | recovery                             | cuts | intact | failing cuts");
-    eprintln!("|---|---|---|---|---|---|");
+/// The claims the README and design/ make from these tables.
+fn assert_rows(cryptfs: &Row, reference: &Row) {
+    for row in [cryptfs, reference] {
+        assert!(
+            row.points > 10,
+            "{} / {}: only {} sync points counted",
+            row.operation,
+            row.recovery,
+            row.points
+        );
+        assert!(
+            row.not_taken.is_empty() && row.taken == row.points,
+            "{} / {}: {} points, {} cuts taken; not taken at {:?}",
+            row.operation,
+            row.recovery,
+            row.points,
+            row.taken,
+            row.not_taken
+        );
+    }
+    assert_eq!(
+        cryptfs.intact, cryptfs.taken,
+        "{}: {:?}",
+        cryptfs.operation, cryptfs.failures
+    );
+    // The anchor: the reference loses data or gets stuck in some cuts (windows A and B of
+    // design/steps.md). If it no longer does, the comparison the README makes is wrong.
+    assert!(
+        reference.intact < reference.taken,
+        "{}: the reference recovered from every cut ({} of {}): the README's anchor is stale",
+        reference.operation,
+        reference.intact,
+        reference.taken
+    );
 }
 
 #[test]
@@ -221,28 +404,9 @@ fn in_place_encryption_survives_a_cut_at_every_sync() {
             "8M",
         ],
     );
-    let rows = [
-        sweep_cryptfs(&rig, "in-place encryption", "initramfs", "fsync"),
-        sweep_cryptfs(&rig, "in-place encryption", "initramfs", "fdatasync"),
-    ];
-    header();
-    for row in &rows {
-        row.print("cryptfs (run --stage all)");
-    }
-    anchor.print("cryptsetup repair + --resume-only");
-    for row in &rows {
-        assert!(
-            row.cuts > 10,
-            "{} {}: too few sync points counted",
-            row.operation,
-            row.syscall
-        );
-        assert_eq!(
-            row.intact, row.cuts,
-            "{} {}: {:?}",
-            row.operation, row.syscall, row.failures
-        );
-    }
+    let row = sweep_cryptfs(&rig, "in-place encryption", "initramfs");
+    report("fsync_cuts-in-place-encryption.md", &[&row, &anchor]);
+    assert_rows(&row, &anchor);
 }
 
 #[test]
@@ -267,26 +431,28 @@ fn volume_key_change_survives_a_cut_at_every_sync() {
         ],
     );
     rig.run_stage("initramfs");
-    let rows = [
-        sweep_cryptfs(&rig, "volume-key change", "userspace", "fsync"),
-        sweep_cryptfs(&rig, "volume-key change", "userspace", "fdatasync"),
-    ];
-    header();
-    for row in &rows {
-        row.print("cryptfs (run --stage all)");
-    }
-    anchor.print("cryptsetup repair + --resume-only");
-    for row in &rows {
-        assert!(
-            row.cuts > 10,
-            "{} {}: too few sync points counted",
-            row.operation,
-            row.syscall
-        );
-        assert_eq!(
-            row.intact, row.cuts,
-            "{} {}: {:?}",
-            row.operation, row.syscall, row.failures
-        );
-    }
+    let row = sweep_cryptfs(&rig, "volume-key change", "userspace");
+    report("fsync_cuts-volume-key-change.md", &[&row, &anchor]);
+    assert_rows(&row, &anchor);
+}
+
+/// The harness's own proof: calls of several processes share one numbering, the cut lands on the
+/// armed call of whichever process makes it and stops the whole tree, and an armed point past
+/// the last call is not counted as a cut.
+#[test]
+fn the_shim_numbers_syncs_across_the_tree_and_cuts_only_at_the_armed_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cmd: Vec<String> = ["sh", "-c", "sync; sh -c 'sync; sync'; sync; echo finished"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (points, breakdown) = count_points(&cmd, &[], dir.path(), "shim self-test");
+    assert_eq!(points, 4, "{breakdown}");
+    let cut = under_shim(&cmd, Some(3), &[], dir.path());
+    assert!(cut.cut_taken(3), "{:?}", cut.marker);
+    assert_eq!(cut.syncs, 3, "nothing ran past the cut");
+    assert!(!String::from_utf8_lossy(&cut.out.stdout).contains("finished"));
+    let past = under_shim(&cmd, Some(5), &[], dir.path());
+    assert!(past.out.status.success() && past.marker.is_none());
+    assert!(!past.cut_taken(5), "a point past the last sync is no cut");
 }

@@ -184,9 +184,9 @@ fn reencrypt_percent(line: &str) -> Option<u32> {
         .ok()
 }
 
-/// Cuts the power once online re-encryption is between 25 % and 75 % (first attempt).
+/// Progress between 10 % and 75 % (first attempt: the cut lands after the third such line).
 fn mid_reencryption(line: &str) -> bool {
-    reencrypt_percent(line).is_some_and(|p| (25..=75).contains(&p))
+    reencrypt_percent(line).is_some_and(|p| (10..=75).contains(&p))
 }
 
 /// Cuts the power at any progress short of the end (later attempts, which resume first).
@@ -196,23 +196,27 @@ fn before_the_end(line: &str) -> bool {
 
 /// Boots a CI image and cuts the power during re-encryption, up to five times until the header
 /// is caught with a hotzone in flight (libcryptsetup's "crash" state, checked on the host), then
-/// boots with `config` and expects everything finished and intact. Returns the boot after the
-/// cuts and whether the last cut caught a hotzone in flight.
+/// boots with `config` and expects everything finished and intact. Fails when no cut caught a
+/// hotzone in flight: the recovery this scenario exists for would not have been exercised.
+/// Returns the boot after the cuts and whether the last cut caught a hotzone in flight (always
+/// true; the callers check the recovery against it).
 fn power_cut_then_resume(config: &'static str, restart: Option<u32>) -> (Boot, bool) {
     let mut disk = Disk::new(RootImage::CiLuks, ROOT_MIB);
-    // Shortly after a progress line, while the next hotzone is rewritten (measured: 350 ms
-    // lands inside it more often than 700 ms under TCG). The header tells whether the cut
-    // landed inside one; otherwise the next attempt cuts again.
-    let delays_ms = [350u64, 700, 200, 500, 1000];
+    // Cut a fraction of a hotzone's time after this boot's third progress line, the time
+    // measured between its second and third (fixed delays after the first line missed every
+    // hotzone on a loaded host: a resumed boot's first line is its resume point, before any
+    // hotzone runs). The header tells whether the cut landed inside one; otherwise the next
+    // attempt cuts again.
+    let fractions = [0.3, 0.5, 0.2, 0.4, 0.65];
     let mut crashed = false;
-    for (attempt, delay) in delays_ms.iter().enumerate() {
+    for (attempt, fraction) in fractions.iter().enumerate() {
         let boot = disk.boot(&BootOptions {
             cut_when: Some(if attempt == 0 {
                 mid_reencryption
             } else {
                 before_the_end
             }),
-            cut_delay: std::time::Duration::from_millis(*delay),
+            cut_fraction: Some(*fraction),
             ..BootOptions::default()
         });
         assert!(
@@ -225,9 +229,20 @@ fn power_cut_then_resume(config: &'static str, restart: Option<u32>) -> (Boot, b
             "VM-NOTE | power cut {config} | attempt {attempt}: hotzone in flight: {crashed} |"
         );
         if crashed {
+            figure(
+                &format!("power cut, {config}"),
+                "cuts until a hotzone was caught in flight",
+                attempt + 1,
+            );
             break;
         }
     }
+    assert!(
+        crashed,
+        "{config}: none of {} power cuts caught a hotzone in flight; the hotzone recovery was \
+         not exercised",
+        fractions.len()
+    );
     let second = disk.boot(&BootOptions {
         config,
         restart_service_after: restart,

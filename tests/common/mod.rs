@@ -690,3 +690,20 @@ pub fn cryptfs_recovers(rig: &Rig) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Writes a harness's result table to `design/results/<name>` (the README links there instead of
+/// typing figures): a run regenerates it.
+pub fn write_result(name: &str, text: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("design")
+        .join("results");
+    std::fs::create_dir_all(&dir).expect("design/results");
+    std::fs::write(dir.join(name), text).expect("result file");
+    eprintln!("(written to design/results/{name})");
+}
+
+/// True when the run is CI's (`CI=true`): there a skipped check is a failed check.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}

@@ -599,6 +599,12 @@ pub struct BootOptions {
     pub cut_when: Option<fn(&str) -> bool>,
     /// See `cut_when`: a delay lands the cut inside the work that follows the line.
     pub cut_delay: Duration,
+    /// When set, replaces `cut_delay` with a delay measured on the guest: the first two matching
+    /// lines only time the interval between them, and the cut lands this fraction of that
+    /// interval after the third (for progress lines: that far into the next hotzone, whatever
+    /// the host's load makes a hotzone take; the interval before the first line, a resume's
+    /// set-up, is not timed).
+    pub cut_fraction: Option<f64>,
     /// Stop the userspace service (SIGTERM) this many seconds after it started, then start it
     /// again, as a restart does.
     pub restart_service_after: Option<u32>,
@@ -612,6 +618,7 @@ impl Default for BootOptions {
             extend_pcr7: false,
             cut_when: None,
             cut_delay: Duration::ZERO,
+            cut_fraction: None,
             restart_service_after: None,
         }
     }
@@ -795,6 +802,7 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
     let mut lines = Vec::new();
     let mut cut = false;
     let mut cut_at: Option<Instant> = None;
+    let mut matches: Vec<Instant> = Vec::new();
     loop {
         let now = Instant::now();
         if cut_at.is_some_and(|t| now >= t) {
@@ -817,7 +825,15 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
                 let line = line.trim_end_matches('\r').to_string();
                 eprintln!("[vm {tag}#{}] {line}", disk.boots);
                 if cut_at.is_none() && opts.cut_when.is_some_and(|f| f(&line)) {
-                    cut_at = Some(Instant::now() + opts.cut_delay);
+                    let now = Instant::now();
+                    matches.push(now);
+                    cut_at = match (opts.cut_fraction, matches.as_slice()) {
+                        (None, _) => Some(now + opts.cut_delay),
+                        (Some(fraction), [first, second, _]) => {
+                            Some(now + (*second - *first).mul_f64(fraction))
+                        }
+                        (Some(_), _) => None,
+                    };
                 }
                 lines.push(line);
             }
