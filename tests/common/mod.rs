@@ -253,6 +253,9 @@ pub fn make_ci_image(img: &Path, size_mib: u64, src: &Path, passphrase: &str) {
             "200",
             &path,
         ])
+        // Its temporary header `LUKS2-temp-<uuid>.new` goes to the working directory: keep it
+        // beside the image, never in the source tree, even when a test is killed mid-way.
+        .current_dir(img.parent().expect("image directory"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

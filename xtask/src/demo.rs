@@ -234,6 +234,8 @@ pub fn run() -> Result<()> {
             "200",
             &c,
         ])
+        // cryptsetup's temporary header goes to the working directory: keep it beside the image.
+        .current_dir(ci.parent().unwrap_or(std::path::Path::new("/tmp")))
         .stdin(Stdio::piped())
         .spawn()?;
     child
