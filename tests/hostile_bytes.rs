@@ -608,6 +608,15 @@ fn exercise_superblock(sb: &[u8]) -> Outcome {
 
 fn exercise_token(token: &Value, tpm: &mut Tpm2Protector) -> Outcome {
     let _ = tpm.can_use(token);
+    if let Some(uri) = token.get("pkcs11-uri").and_then(Value::as_str) {
+        return match cryptfs::kek::pkcs11::Pkcs11Uri::parse(uri) {
+            Ok(_) => Outcome::Deep,
+            Err(e) => {
+                assert_clear(&e, "pkcs11 uri");
+                Outcome::Error
+            }
+        };
+    }
     let Some(sealed) = SealedKek::from_token(token) else {
         return Outcome::Ok;
     };
@@ -814,8 +823,14 @@ fn tokens_never_panic_and_pcrs_are_bounded() {
     let mut tally = Tally::default();
     let mut m = Mutator::new(0x7470_6d32);
     let mut through_tpm = 0;
+    let pkcs11 = json!({"type":"systemd-pkcs11","keyslots":["0"],
+        "pkcs11-uri":"pkcs11:token=lmp;object=luks;id=%9d","pkcs11-key":"AAAA"});
     for case in 0..TOKEN_CASES {
-        let mut token = real.clone();
+        let mut token = if case % 4 == 3 {
+            pkcs11.clone()
+        } else {
+            real.clone()
+        };
         for _ in 0..1 + m.below(2) {
             m.json(&mut token);
         }
@@ -1182,6 +1197,7 @@ fn metadata_lock_is_libcryptsetups() {
     let lock = finalize::MetadataLock::acquire(&f.img, Duration::from_secs(5)).expect("free");
     // cryptsetup needs the same lock to change the metadata: it waits while we hold it.
     let waited = Command::new("timeout")
+        .current_dir(std::env::temp_dir())
         .args(["2", "cryptsetup", "token", "remove", "--token-id", "0"])
         .arg(&f.img)
         .status()
@@ -1215,6 +1231,7 @@ fn metadata_lock_is_libcryptsetups() {
     let lock = finalize::MetadataLock::acquire(&loop_dev, Duration::from_secs(5)).expect("lock");
     assert!(resource.exists(), "{} made", resource.display());
     let waited = Command::new("timeout")
+        .current_dir(std::env::temp_dir())
         .args(["2", "cryptsetup", "luksDump"])
         .arg(&loop_dev)
         .stdout(Stdio::null())

@@ -5,7 +5,8 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let path = std::path::PathBuf::from(format!("/dev/shm/cryptfs-fuzz-{}.redb", std::process::id()));
+    let path =
+        std::path::PathBuf::from(format!("/dev/shm/cryptfs-fuzz-{}.redb", std::process::id()));
     if std::fs::write(&path, data).is_err() {
         return;
     }

@@ -11,7 +11,10 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Some(sealed) = SealedKek::from_token(&token) {
         if let Ok(parsed) = Tpm2Token::parse(&sealed.fields) {
-            assert!(parsed.pcrs.iter().all(|p| *p <= cryptfs::kek::tpm2::MAX_PCR));
+            assert!(parsed
+                .pcrs
+                .iter()
+                .all(|p| *p <= cryptfs::kek::tpm2::MAX_PCR));
         }
     }
 });

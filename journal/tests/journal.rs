@@ -178,3 +178,25 @@ fn a_reader_follows_a_live_writer_without_blocking_it() {
     writer.append(body("step", Phase::Done)).expect("append");
     assert_eq!(Journal::read_only(&path).expect("read").records.len(), 21);
 }
+
+/// An input that made redb 4.6 panic (`unreachable!` in its B-tree code) when opened without
+/// the integrity check, found by the fuzz target `journal_file`: both opens must answer with
+/// an error, the writer keeping the file aside, and neither may panic.
+#[test]
+fn the_redb_panic_input_is_an_error_for_both_opens() {
+    let input = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/regressions/journal_file/redb-4.6-btree-unreachable.redb");
+    let original = std::fs::read(&input).expect("regression input");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal.redb");
+    std::fs::write(&path, &original).expect("write");
+    assert!(Journal::read_only(&path).is_err(), "status must report damage");
+    assert_eq!(std::fs::read(&path).expect("read"), original, "status wrote");
+    let (journal, recovery) = Journal::open_or_recover(&path, 9, WAIT).expect("recover");
+    assert!(recovery.is_some(), "the damaged file is kept aside");
+    assert!(journal.records().is_empty());
+    assert_eq!(
+        std::fs::read(dir.path().join("journal.redb.damaged-9")).expect("kept"),
+        original
+    );
+}

@@ -128,6 +128,9 @@ pub fn run_with_stdin(program: &str, args: &[&str], stdin: &[u8]) -> Output {
     use std::io::Write;
     let mut child = Command::new(program)
         .args(args)
+        // `cryptsetup reencrypt --encrypt` may leave `LUKS2-temp-*.new` in its working
+        // directory: never the source tree.
+        .current_dir(std::env::temp_dir())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

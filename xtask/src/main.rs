@@ -238,6 +238,7 @@ fn fuzz(secs: Option<&str>) -> Result<()> {
         &[("CRYPTFS_FUZZ_CORPUS", &seeds_str)],
     )?;
     let max_time = format!("-max_total_time={secs}");
+    let mut crashed = Vec::new();
     for target in FUZZ_TARGETS {
         let corpus = fuzz_dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
@@ -255,8 +256,14 @@ fn fuzz(secs: Option<&str>) -> Result<()> {
             ])
             .status()?;
         if !status.success() {
-            bail!("fuzz target {target} found a crash (see fuzz/artifacts/{target}/)");
+            crashed.push(*target);
         }
+    }
+    if !crashed.is_empty() {
+        bail!(
+            "fuzz targets with a crash: {} (inputs in fuzz/artifacts/<target>/)",
+            crashed.join(", ")
+        );
     }
     println!(
         "xtask: {} fuzz targets ran {secs} s each without a crash",
