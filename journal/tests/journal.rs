@@ -190,8 +190,15 @@ fn the_redb_panic_input_is_an_error_for_both_opens() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("journal.redb");
     std::fs::write(&path, &original).expect("write");
-    assert!(Journal::read_only(&path).is_err(), "status must report damage");
-    assert_eq!(std::fs::read(&path).expect("read"), original, "status wrote");
+    assert!(
+        Journal::read_only(&path).is_err(),
+        "status must report damage"
+    );
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        original,
+        "status wrote"
+    );
     let (journal, recovery) = Journal::open_or_recover(&path, 9, WAIT).expect("recover");
     assert!(recovery.is_some(), "the damaged file is kept aside");
     assert!(journal.records().is_empty());
