@@ -15,8 +15,33 @@ use vm_rig::{Boot, BootOptions, Disk, RootImage};
 /// Root partition size: small enough for CI, large enough for 20 hotzones of 8 MiB.
 const ROOT_MIB: u64 = 160;
 
+/// Figures of this run, per scenario, in the order they were measured.
+static FIGURES: std::sync::Mutex<Vec<(String, String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Prints a figure and rewrites the scenario's result file (`design/results/vm-<scenario>.md`)
+/// with every figure of the scenario measured in this run: the README links to those files
+/// instead of typing figures.
 fn figure(scenario: &str, what: &str, value: impl std::fmt::Display) {
+    let value = value.to_string();
     eprintln!("VM-FIGURE | {scenario} | {what} | {value} |");
+    let mut figures = FIGURES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    figures.push((scenario.to_string(), what.to_string(), value));
+    let mut table = format!(
+        "# VM scenario: {scenario}\n\nWritten by `tests/vm.rs` (QEMU TCG, 1 vCPU) on its last run.\n\n\
+         | figure | value |\n|---|---|\n"
+    );
+    for (_, what, value) in figures.iter().filter(|(s, _, _)| s == scenario) {
+        table.push_str(&format!("| {what} | {value} |\n"));
+    }
+    let slug = scenario
+        .to_ascii_lowercase()
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|part| !part.is_empty())
+        .collect::<Vec<_>>()
+        .join("-");
+    common::write_result(&format!("vm-{slug}.md"), &table);
 }
 
 /// A boot that provisioned (or found provisioned), mounted, ran the userspace stage to its end
