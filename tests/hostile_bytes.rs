@@ -1358,17 +1358,24 @@ fn e2e_luks2_keyslot_area_outside_the_keyslots_area() {
     refuses(&c, "lies outside the keyslots area");
 }
 
-#[test]
-fn e2e_ext4_absurd_block_count() {
-    let c = case(|dev| {
+/// A case on a real 100 MiB ext4 image that `edit` then damages through `file`.
+fn ext4_case(edit: impl FnOnce(&Path, &mut std::fs::File)) -> Case {
+    case(|dev| {
         let src = dev.with_extension("src");
         std::fs::create_dir_all(&src).expect("src");
         common::make_ext4(dev, 100, &src);
-        use std::io::{Seek, Write};
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .open(dev)
             .expect("open");
+        edit(dev, &mut file);
+    })
+}
+
+#[test]
+fn e2e_ext4_absurd_block_count() {
+    let c = ext4_case(|dev, file| {
+        use std::io::{Seek, Write};
         // 64bit feature on, high block count word all ones.
         let mut sb = [0u8; 1024];
         sb.copy_from_slice(&head_of(dev, 2048)[1024..]);
@@ -1384,15 +1391,8 @@ fn e2e_ext4_absurd_block_count() {
 
 #[test]
 fn e2e_ext4_block_count_larger_than_the_device() {
-    let c = case(|dev| {
-        let src = dev.with_extension("src");
-        std::fs::create_dir_all(&src).expect("src");
-        common::make_ext4(dev, 100, &src);
+    let c = ext4_case(|_, file| {
         use std::io::{Seek, Write};
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dev)
-            .expect("open");
         file.seek(std::io::SeekFrom::Start(1024 + 4)).expect("seek");
         file.write_all(&u32::MAX.to_le_bytes()).expect("write");
     });
