@@ -92,11 +92,11 @@ pub fn read_secret_file(path: &Path, what: &str) -> Result<Zeroizing<Vec<u8>>, S
     };
     let mut file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| {
-            // ELOOP: the path is a symlink.
-            if e.raw_os_error() == Some(40) {
+            // With O_NOFOLLOW, ELOOP means the path is a symlink.
+            if e.raw_os_error() == Some(libc::ELOOP) {
                 SecretFileError::NotRegular {
                     what: what.to_string(),
                     path: path.to_path_buf(),
@@ -117,9 +117,6 @@ pub fn read_secret_file(path: &Path, what: &str) -> Result<Zeroizing<Vec<u8>>, S
     }
     Ok(bytes)
 }
-
-/// `O_NOFOLLOW` on Linux (all architectures cryptfs builds for).
-const O_NOFOLLOW: i32 = 0o400000;
 
 /// The owner/mode rule of [`read_secret_file`] on already-read metadata.
 fn check_secret_metadata(
