@@ -231,6 +231,15 @@ mod tests {
     }
 
     #[test]
+    fn a_symlink_to_a_private_file_is_refused() {
+        let (dir, path) = secret_file(0o600);
+        let link = dir.path().join("pin-link");
+        std::os::unix::fs::symlink(&path, &link).expect("symlink");
+        let err = read_secret_file(&link, "PIN").expect_err("a symlink is refused");
+        assert!(matches!(err, SecretFileError::NotRegular { .. }), "{err}");
+    }
+
+    #[test]
     fn a_private_secret_file_is_read_without_its_newline() {
         for mode in [0o600, 0o400] {
             let (_dir, path) = secret_file(mode);
