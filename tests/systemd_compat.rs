@@ -371,3 +371,56 @@ fn tokens_cryptfs_cannot_use_are_reported_and_never_deleted() {
     );
     assert_eq!(rig.files_inside(), rig.files);
 }
+
+/// A volume with two `systemd-tpm2` tokens, as a reseal leaves it for a moment and
+/// `reseal --prepare` leaves it until the firmware update: the first token is sealed to a PCR 7
+/// value the machine no longer has, the second to today's. cryptfs tries every usable token, so
+/// the unlock succeeds with the second; when neither matches, the error names each refusal.
+#[test]
+fn unlock_tries_every_usable_token_and_names_each_refusal() {
+    let rig = Rig::new(Image::Ci, 128);
+    let tpm2 = [
+        format!("--tpm2-device=swtpm:port={}", rig.tpm.port),
+        "--tpm2-pcrs=7".to_string(),
+    ];
+    let tpm2: Vec<&str> = tpm2.iter().map(String::as_str).collect();
+    rig.tpm.extend_pcr7();
+    cryptenroll(&rig, &tpm2, &[]);
+    rig.tpm.extend_pcr7();
+    cryptenroll(&rig, &tpm2, &[]);
+    let meta = common::luks2(&rig.device);
+    let tpm2_tokens: Vec<u32> = meta
+        .tokens
+        .iter()
+        .filter(|(_, t)| t.kind == "systemd-tpm2")
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(tpm2_tokens.len(), 2, "two systemd-tpm2 tokens enrolled");
+    let (stale, current) = (tpm2_tokens[0], tpm2_tokens[1]);
+
+    let out = rig.cryptfs(&["unlock", "--test"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "unlock with the second token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("token {current} (systemd-tpm2)")),
+        "the token sealed to today's PCR 7 opened it: {stdout}"
+    );
+
+    rig.tpm.extend_pcr7();
+    let out = rig.cryptfs(&["unlock", "--test"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "no token matches a third PCR 7");
+    let named: Vec<u32> = [stale, current]
+        .into_iter()
+        .filter(|id| stderr.contains(&format!("token {id} (keyslot")))
+        .collect();
+    assert_eq!(named, [stale, current], "each refusal is named: {stderr}");
+    assert!(
+        stderr.contains("none of the 2 systemd-tpm2 tokens"),
+        "{stderr}"
+    );
+}

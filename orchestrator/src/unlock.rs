@@ -8,7 +8,7 @@ use crate::kek;
 use crate::luks::device;
 use crate::luks::metadata::Luks2Metadata;
 use crate::probe::{self, Content};
-use crate::steps::usable_token;
+use crate::token_unlock;
 
 /// What a token unlock proved.
 pub struct Unlocked {
@@ -29,13 +29,13 @@ pub fn with_token(config: &Config) -> crate::Result<Unlocked> {
         Content::Luks2(meta) => meta,
         _ => bail!("{} is not a LUKS2 volume", config.device.display()),
     };
-    let (token, slot, sealed) = usable_token(kek.as_ref(), &meta)
-        .ok_or_else(|| anyhow!("no {} token this device can use", kek.token_type()))?;
-    let passphrase = kek.unseal(&sealed)?.keyslot_passphrase();
-    let keyslot = device::test_passphrase(&config.device, Some(slot), &passphrase)?;
-    let volume_key = device::volume_key(&config.device, Some(keyslot), &passphrase)?;
+    let unlocked = token_unlock::unlock_any(kek.as_mut(), &meta, &config.device, |slot, p| {
+        device::test_passphrase(&config.device, Some(slot), p)
+    })?;
+    let keyslot = unlocked.keyslot;
+    let volume_key = device::volume_key(&config.device, Some(keyslot), &unlocked.passphrase)?;
     Ok(Unlocked {
-        token,
+        token: unlocked.token,
         keyslot,
         volume_key,
         meta,
@@ -76,16 +76,18 @@ pub fn activate(config: &Config) -> crate::Result<Activation> {
     };
     if meta.reencrypt_crashed() || crate::luks::finalize::all_data_on_final_key(&meta) {
         bail!(
-            "{} has an interrupted re-encryption that needs repair before activation; run              `cryptfs run --stage initramfs` first",
+            "{} has an interrupted re-encryption that needs repair before activation; run \
+             `cryptfs run --stage initramfs` first",
             config.device.display()
         );
     }
-    let (_, slot, sealed) = usable_token(kek.as_ref(), &meta)
-        .ok_or_else(|| anyhow!("no {} token this device can use", kek.token_type()))?;
-    let passphrase = kek.unseal(&sealed)?.keyslot_passphrase();
     // With a re-encryption in flight the mapping needs both volume keys: the token's
     // passphrase opens the old key's keyslot and the new key's, so let libcryptsetup try all.
-    let keyslot = meta.reencrypt_mode().is_none().then_some(slot);
-    let keyslot = device::activate(&config.device, name, keyslot, &passphrase)?;
-    Ok(Activation::Activated { keyslot })
+    let in_flight = meta.reencrypt_mode().is_some();
+    let unlocked = token_unlock::unlock_any(kek.as_mut(), &meta, &config.device, |slot, p| {
+        device::activate(&config.device, name, (!in_flight).then_some(slot), p)
+    })?;
+    Ok(Activation::Activated {
+        keyslot: unlocked.keyslot,
+    })
 }
