@@ -20,7 +20,7 @@ pub struct Swtpm {
     pub state: PathBuf,
 }
 
-fn free_port_pair() -> u16 {
+pub fn free_port_pair() -> u16 {
     loop {
         let a = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = a.local_addr().expect("addr").port();
@@ -93,6 +93,19 @@ impl Swtpm {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// A power cut: SIGKILL (no TPM2_Shutdown, nothing flushed beyond what swtpm already
+    /// wrote). True when swtpm was still running and died of the signal.
+    pub fn power_cut(&mut self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return false;
+        }
+        let _ = self.child.kill();
+        self.child
+            .wait()
+            .is_ok_and(|s| s.signal() == Some(libc::SIGKILL))
     }
 
     pub fn stop(mut self) -> PathBuf {
@@ -712,4 +725,39 @@ pub fn write_result(name: &str, text: &str) {
 /// True when the run is CI's (`CI=true`): there a skipped check is a failed check.
 pub fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// systemd 252's `struct systemd_tpm2_plugin_params` (src/cryptsetup/cryptsetup-tokens).
+#[repr(C)]
+struct Tpm2PluginParams {
+    search_pcr_mask: u32,
+    device: *const std::os::raw::c_char,
+    signature_path: *const std::os::raw::c_char,
+}
+
+/// Unlocks `device` (test only, no activation) through systemd's own TPM2 token plugin, with
+/// the TPM at `tpm_device` (systemd's TCTI syntax, e.g. `swtpm:port=P`). Returns the keyslot.
+pub fn systemd_tpm2_plugin_unlocks(device: &Path, tpm_device: &str) -> Result<u32, String> {
+    use libcryptsetup_rs::consts::flags::CryptActivate;
+    use libcryptsetup_rs::consts::vals::EncryptionFormat;
+    let tpm_device = std::ffi::CString::new(tpm_device).expect("cstring");
+    let mut params = Tpm2PluginParams {
+        search_pcr_mask: u32::MAX,
+        device: tpm_device.as_ptr(),
+        signature_path: std::ptr::null(),
+    };
+    let mut cd = libcryptsetup_rs::CryptInit::init(device).map_err(|e| e.to_string())?;
+    cd.context_handle()
+        .load::<()>(Some(EncryptionFormat::Luks2), None)
+        .map_err(|e| e.to_string())?;
+    // No PIN: systemd's plugin must get NULL (it checks `memchr(pin, 0, pin_size - 1)`).
+    let token = luks2(device)
+        .tokens
+        .iter()
+        .find(|(_, t)| t.kind == "systemd-tpm2")
+        .map(|(id, _)| *id)
+        .ok_or("no systemd-tpm2 token")?;
+    cd.token_handle()
+        .activate_by_token(None, Some(token), Some(&mut params), CryptActivate::empty())
+        .map_err(|e| e.to_string())
 }
