@@ -7,122 +7,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
-
 use base64::Engine;
+use common::proxy::{Proxy, CC_CREATE, CC_LOAD, CC_UNSEAL};
 use common::{Image, Rig, Swtpm};
 use cryptfs::kek::tpm2::{Tpm2Protector, PRIMARY_NAME_FIELD};
 use cryptfs::kek::{KekProtector, SealedKek};
-
-/// TPM2_CC_Unseal, TPM2_CC_Create, TPM2_CC_Load: the commands that carry the secret or prepare it.
-const CC_UNSEAL: u32 = 0x15E;
-const CC_CREATE: u32 = 0x153;
-const CC_LOAD: u32 = 0x157;
-
-/// Bytes recorded by the proxy, shared with its threads.
-type Log = Arc<Mutex<Vec<u8>>>;
-
-/// A logging TCP proxy in front of a swtpm: `port` forwards to the TPM's command port, `port+1`
-/// to its control port. Every byte of the command port, both directions, lands in `bus`; the
-/// client-to-TPM bytes also in `commands` (to list the command codes sent).
-struct Proxy {
-    port: u16,
-    bus: Log,
-    commands: Log,
-}
-
-fn pump(mut from: TcpStream, mut to: TcpStream, logs: Vec<Log>) {
-    let mut buf = [0u8; 4096];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                for log in &logs {
-                    log.lock().expect("log").extend_from_slice(&buf[..n]);
-                }
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = to.shutdown(Shutdown::Write);
-}
-
-fn serve(listener: TcpListener, target: u16, logs: Option<(Log, Log)>) {
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { break };
-            let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
-                continue;
-            };
-            let (up, down) = match &logs {
-                Some((bus, commands)) => (vec![bus.clone(), commands.clone()], vec![bus.clone()]),
-                None => (Vec::new(), Vec::new()),
-            };
-            let (c2, s2) = (
-                client.try_clone().expect("clone"),
-                server.try_clone().expect("clone"),
-            );
-            std::thread::spawn(move || pump(client, server, up));
-            std::thread::spawn(move || pump(s2, c2, down));
-        }
-    });
-}
-
-impl Proxy {
-    fn start(tpm: &Swtpm) -> Proxy {
-        let port = common::free_port_pair();
-        let data = TcpListener::bind(("127.0.0.1", port)).expect("proxy port");
-        let ctrl = TcpListener::bind(("127.0.0.1", port + 1)).expect("proxy control port");
-        let bus = Arc::new(Mutex::new(Vec::new()));
-        let commands = Arc::new(Mutex::new(Vec::new()));
-        serve(data, tpm.port, Some((bus.clone(), commands.clone())));
-        serve(ctrl, tpm.port + 1, None);
-        Proxy {
-            port,
-            bus,
-            commands,
-        }
-    }
-
-    fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
-    }
-
-    /// The bytes seen since the last call, and the command codes sent in them.
-    fn take(&self) -> (Vec<u8>, Vec<u32>) {
-        // The client has exited; let the pump threads drain what is in flight.
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let bus = std::mem::take(&mut *self.bus.lock().expect("log"));
-        let commands = std::mem::take(&mut *self.commands.lock().expect("log"));
-        (bus, command_codes(&commands))
-    }
-}
-
-/// The command codes of a raw TPM command stream (tag u16, size u32, code u32, ...).
-fn command_codes(mut stream: &[u8]) -> Vec<u32> {
-    let mut codes = Vec::new();
-    while stream.len() >= 10 {
-        let size = u32::from_be_bytes(stream[2..6].try_into().expect("4")) as usize;
-        codes.push(u32::from_be_bytes(stream[6..10].try_into().expect("4")));
-        if size < 10 || size > stream.len() {
-            break;
-        }
-        stream = &stream[size..];
-    }
-    codes
-}
-
-fn point_config_at(rig: &Rig, tcti: &str) {
-    std::fs::write(
-        &rig.config,
-        common::config_text(&rig.device, &rig.boot, tcti, ""),
-    )
-    .expect("config");
-}
 
 fn kek_token(rig: &Rig) -> (u32, serde_json::Value) {
     common::luks2(&rig.device)
@@ -169,7 +58,7 @@ fn measure(client: &'static str, phase: &'static str, bus: &[u8], secret: &[u8])
 fn neither_the_secret_nor_its_base64_crosses_the_tpm_bus() {
     let rig = Rig::new(Image::Plain, 128);
     let proxy = Proxy::start(&rig.tpm);
-    point_config_at(&rig, &proxy.tcti());
+    rig.point_tpm_at(&proxy.tcti());
 
     let enroll = rig.run_stage("all");
     let (enroll_bus, enroll_cc) = proxy.take();
@@ -284,7 +173,7 @@ fn a_tpm_with_another_storage_primary_is_refused_before_any_secret_bearing_comma
 
     // A tampered pin on the right TPM: refused, and neither Load nor Unseal was sent.
     let proxy = Proxy::start(&rig.tpm);
-    point_config_at(&rig, &proxy.tcti());
+    rig.point_tpm_at(&proxy.tcti());
     let mut tampered = token.clone();
     let name = token[PRIMARY_NAME_FIELD].as_str().expect("pin").to_string();
     let flipped = format!(
@@ -327,7 +216,7 @@ fn a_tpm_with_another_storage_primary_is_refused_before_any_secret_bearing_comma
     std::fs::create_dir_all(&fresh).expect("dir");
     rig.tpm = Swtpm::start_on(&fresh);
     let proxy = Proxy::start(&rig.tpm);
-    point_config_at(&rig, &proxy.tcti());
+    rig.point_tpm_at(&proxy.tcti());
     let out = rig.cryptfs(&["unlock", "--test"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

@@ -5,19 +5,15 @@
 
 mod common;
 
-use std::process::Command;
-
+use common::proxy::{Proxy, CC_LOAD, CC_SHUTDOWN, CC_UNSEAL};
 use common::{Image, Rig, Swtpm};
 
+/// Power cuts right after an unlock, per TPM client.
 const CUTS: usize = 10;
 
 /// `tpm2_getcap properties-variable` value of `name` (e.g. TPM2_PT_LOCKOUT_COUNTER).
 fn tpm_property(tpm: &Swtpm, capability: &str, name: &str) -> u32 {
-    let out = Command::new("tpm2_getcap")
-        .env("TPM2TOOLS_TCTI", tpm.tcti())
-        .arg(capability)
-        .output()
-        .expect("tpm2-tools must be installed");
+    let out = tpm.tool(&["tpm2_getcap", capability]);
     assert!(
         out.status.success(),
         "{}",
@@ -51,39 +47,47 @@ fn lockout_counter(tpm: &Swtpm) -> u32 {
     tpm_property(tpm, "properties-variable", "TPM2_PT_LOCKOUT_COUNTER")
 }
 
-fn point_config_at(rig: &Rig, tcti: &str) {
-    std::fs::write(
-        &rig.config,
-        common::config_text(&rig.device, &rig.boot, tcti, ""),
-    )
-    .expect("config");
-}
-
-/// `CUTS` cycles of: swtpm up on the rig's state dir (TPM2_Startup(CLEAR) by swtpm itself),
-/// `unlock` through it, SIGKILL. Returns the cuts that really cut: the unlock had succeeded
-/// (so the DA-protected storage primary had been authorized in this TPM power cycle) and swtpm
-/// died of the signal.
-fn cut_after_each(rig: &mut Rig, unlock: impl Fn(&Rig) -> bool) -> usize {
+/// `cuts` cycles of: swtpm up on the rig's state dir (TPM2_Startup(CLEAR) by swtpm itself),
+/// `unlock` through a proxy, SIGKILL: right after the unlock, or, with `cut_at`, by the proxy
+/// instead of forwarding that command. Returns the cuts that really cut: swtpm died of SIGKILL
+/// after the DA-protected storage primary had been authorized in this TPM power cycle (the
+/// unlock succeeded, or TPM2_Load went through before the mid-way cut).
+fn cut_each(
+    rig: &mut Rig,
+    cuts: usize,
+    cut_at: Option<u32>,
+    unlock: impl Fn(&Rig, u16) -> bool,
+) -> usize {
     let state = rig.tpm.state.clone();
     // The running swtpm holds the state dir: stop it first (not counted, nothing in use).
     rig.tpm.power_cut();
-    let mut cuts = 0;
-    for _ in 0..CUTS {
+    let mut real = 0;
+    for _ in 0..cuts {
         rig.tpm = Swtpm::start_on(&state);
-        point_config_at(rig, &rig.tpm.tcti());
-        let unlocked = unlock(rig);
-        let killed = rig.tpm.power_cut();
-        if unlocked && killed {
-            cuts += 1;
+        let proxy = Proxy::start_cutting(&rig.tpm, cut_at);
+        rig.point_tpm_at(&proxy.tcti());
+        let unlocked = unlock(rig, proxy.port);
+        let (_, codes) = proxy.take();
+        let authorized = if cut_at.is_some() {
+            codes.contains(&CC_LOAD)
+        } else {
+            unlocked
+        };
+        if rig.tpm.power_cut() && authorized {
+            real += 1;
         }
     }
     rig.tpm = Swtpm::start_on(&state);
-    point_config_at(rig, &rig.tpm.tcti());
-    cuts
+    rig.point_tpm_at(&rig.tpm.tcti());
+    real
 }
 
-fn cryptfs_unlocks(rig: &Rig) -> bool {
+fn cryptfs_unlocks(rig: &Rig, _: u16) -> bool {
     rig.cryptfs(&["unlock", "--test"]).status.success()
+}
+
+fn systemd_unlocks(rig: &Rig, port: u16) -> bool {
+    common::systemd_tpm2_plugin_unlocks(&rig.device, &format!("swtpm:port={port}")).is_ok()
 }
 
 #[test]
@@ -93,24 +97,58 @@ fn ten_power_cuts_during_unlock_leave_the_lockout_counter_at_zero() {
     rig.run_stage("all");
     assert_eq!(lockout_counter(&rig.tpm), 0);
 
-    let cryptfs_cuts = cut_after_each(&mut rig, cryptfs_unlocks);
+    let cryptfs_cuts = cut_each(&mut rig, CUTS, None, cryptfs_unlocks);
     let cryptfs_counter = lockout_counter(&rig.tpm);
-    assert!(cryptfs_unlocks(&rig), "a final unlock after the cuts");
+    assert!(cryptfs_unlocks(&rig, 0), "a final unlock after the cuts");
+
+    // Mid-unlock, when TPM2_Unseal is sent (the primary authorized by TPM2_Load before it).
+    let mid_cuts = cut_each(&mut rig, 3, Some(CC_UNSEAL), cryptfs_unlocks);
+    let mid_counter = lockout_counter(&rig.tpm);
+    // What remains: a cut between TPM2_Load and the TPM2_Shutdown right after it. Two, below
+    // the limit; then cleared for the anchor.
+    let residual_cuts = cut_each(&mut rig, 2, Some(CC_SHUTDOWN), cryptfs_unlocks);
+    let residual_counter = lockout_counter(&rig.tpm);
+    let clear = rig.tpm.tool(&["tpm2_dictionarylockout", "--clear-lockout"]);
+    assert!(
+        clear.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clear.stderr)
+    );
+    assert_eq!(lockout_counter(&rig.tpm), 0);
 
     // The anchor: systemd 252's plugin authorizes the same DA-protected primary and leaves the
     // TPM in the "DA used" state; each cut then counts as a failed try.
-    let anchor_cuts = cut_after_each(&mut rig, |rig| {
-        common::systemd_tpm2_plugin_unlocks(&rig.device, &format!("swtpm:port={}", rig.tpm.port))
-            .is_ok()
-    });
+    let anchor_cuts = cut_each(&mut rig, CUTS, None, systemd_unlocks);
     let anchor_counter = lockout_counter(&rig.tpm);
     let locked = rig.cryptfs(&["unlock", "--test"]);
-    println!(
-        "| TPM client | power cuts after unlock | cuts that cut | lockout counter after | max tries |\n\
-         |---|---|---|---|---|\n\
-         | cryptfs | {CUTS} | {cryptfs_cuts} | {cryptfs_counter} | {max} |\n\
-         | systemd 252 plugin | {CUTS} | {anchor_cuts} | {anchor_counter} | {max} |"
+    let table = format!(
+        "| TPM client | power cuts | when | cuts that cut | lockout counter after | max tries |\n\
+         |---|---|---|---|---|---|\n\
+         | cryptfs | {CUTS} | right after unlock | {cryptfs_cuts} | {cryptfs_counter} | {max} |\n\
+         | cryptfs | 3 | mid-unlock, at TPM2_Unseal | {mid_cuts} | {mid_counter} | {max} |\n\
+         | cryptfs | 2 | mid-unlock, at the TPM2_Shutdown after TPM2_Load (the window that remains) | {residual_cuts} | {residual_counter} | {max} |\n\
+         | systemd 252 plugin | {CUTS} | right after unlock | {anchor_cuts} | {anchor_counter} | {max} |\n"
     );
+    println!("{table}");
+    common::write_result(
+        "tpm_lockout.md",
+        &format!(
+            "# Power cuts and the TPM's dictionary-attack counter (tests/tpm_lockout.rs)\n\n\
+             swtpm with libtpms' default DA parameters, SIGKILLed on a persistent state dir. A \
+             cut counts only if swtpm died of SIGKILL after the DA-protected storage primary was \
+             authorized in that power cycle.\n\n{table}"
+        ),
+    );
+    assert_eq!(mid_cuts, 3, "every cut at TPM2_Unseal cut after TPM2_Load");
+    assert_eq!(
+        mid_counter, 0,
+        "a cut at TPM2_Unseal counted as a failed try"
+    );
+    assert_eq!(
+        residual_cuts, 2,
+        "both cuts at TPM2_Shutdown cut after TPM2_Load"
+    );
+    assert_eq!(residual_counter, 2, "the remaining window, measured");
     assert_eq!(
         cryptfs_cuts, CUTS,
         "every cut cut, after a successful unlock"
@@ -135,14 +173,6 @@ fn ten_power_cuts_during_unlock_leave_the_lockout_counter_at_zero() {
             "{stderr}"
         );
     }
-}
-
-fn tpm2(tpm: &Swtpm, args: &[&str]) -> std::process::Output {
-    Command::new(args[0])
-        .env("TPM2TOOLS_TCTI", tpm.tcti())
-        .args(&args[1..])
-        .output()
-        .expect("tpm2-tools must be installed")
 }
 
 #[test]
@@ -171,26 +201,23 @@ fn dictionary_attack_lockout_is_reported_with_its_counter_and_how_to_clear_it() 
             "right",
         ],
     ] {
-        let out = tpm2(&rig.tpm, args);
+        let out = rig.tpm.tool(args);
         assert!(
             out.status.success(),
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let wrong = tpm2(
-        &rig.tpm,
-        &[
-            "tpm2_nvread",
-            "0x1500016",
-            "-C",
-            "0x1500016",
-            "-P",
-            "wrong",
-            "-s",
-            "8",
-        ],
-    );
+    let wrong = rig.tpm.tool(&[
+        "tpm2_nvread",
+        "0x1500016",
+        "-C",
+        "0x1500016",
+        "-P",
+        "wrong",
+        "-s",
+        "8",
+    ]);
     assert!(!wrong.status.success(), "the wrong password must fail");
     assert_eq!(lockout_counter(&rig.tpm), 1);
 
@@ -206,7 +233,7 @@ fn dictionary_attack_lockout_is_reported_with_its_counter_and_how_to_clear_it() 
         assert!(stderr.contains(needle), "{needle:?} not in:\n{stderr}");
     }
     // Cleared as the message says, it unlocks again.
-    let clear = tpm2(&rig.tpm, &["tpm2_dictionarylockout", "--clear-lockout"]);
+    let clear = rig.tpm.tool(&["tpm2_dictionarylockout", "--clear-lockout"]);
     assert!(
         clear.status.success(),
         "{}",

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore, SeedableRng};
 
+pub mod proxy;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_cryptfs");
 pub const CI_PASSPHRASE: &str = "fiopassphrase";
 
@@ -78,16 +80,18 @@ impl Swtpm {
         format!("swtpm:host=127.0.0.1,port={}", self.port)
     }
 
+    /// Runs a tpm2-tools command (`args[0]`) against this TPM.
+    pub fn tool(&self, args: &[&str]) -> Output {
+        Command::new(args[0])
+            .env("TPM2TOOLS_TCTI", self.tcti())
+            .args(&args[1..])
+            .output()
+            .expect("tpm2-tools must be installed")
+    }
+
     /// Extends PCR 7 (a secure-boot state change).
     pub fn extend_pcr7(&self) {
-        let out = Command::new("tpm2_pcrextend")
-            .env(
-                "TPM2TOOLS_TCTI",
-                format!("swtpm:host=127.0.0.1,port={}", self.port),
-            )
-            .arg(format!("7:sha256={}", "ab".repeat(32)))
-            .output()
-            .expect("tpm2-tools must be installed");
+        let out = self.tool(&["tpm2_pcrextend", &format!("7:sha256={}", "ab".repeat(32))]);
         assert!(
             out.status.success(),
             "{}",
@@ -95,13 +99,16 @@ impl Swtpm {
         );
     }
 
+    /// The swtpm's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A power cut: SIGKILL (no TPM2_Shutdown, nothing flushed beyond what swtpm already
-    /// wrote). True when swtpm was still running and died of the signal.
+    /// wrote). True when swtpm died of SIGKILL (this one, or a cutting proxy's).
     pub fn power_cut(&mut self) -> bool {
         use std::os::unix::process::ExitStatusExt;
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return false;
-        }
+        // Already killed (by a cutting proxy) or not: the exit status says whether SIGKILL did it.
         let _ = self.child.kill();
         self.child
             .wait()
@@ -408,6 +415,15 @@ impl Rig {
         std::fs::remove_file(&plain).expect("rm plain");
         std::fs::remove_dir_all(&out_dir).expect("rm extracted");
         files
+    }
+
+    /// Rewrites the configuration with the TPM at `tcti` (another swtpm, a proxy).
+    pub fn point_tpm_at(&self, tcti: &str) {
+        std::fs::write(
+            &self.config,
+            config_text(&self.device, &self.boot, tcti, ""),
+        )
+        .expect("config");
     }
 
     pub fn config(&self) -> cryptfs::config::Config {

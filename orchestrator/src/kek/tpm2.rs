@@ -367,8 +367,9 @@ fn is_lockout(e: &tss_esapi::Error) -> bool {
 /// during boot lock a TPM with default limits out. TPM2_Shutdown(CLEAR) clears that state
 /// (`TPM2_Shutdown` resets `g_daUsed`) without touching anything else a running system
 /// needs: PCRs, sessions, objects stay; any later DA-protected use sets it again, so no one
-/// else's failed authorization escapes counting. What remains is the window between the first
-/// authorization of the primary and this call (a few TPM commands).
+/// else's failed authorization escapes counting. Called right after the one command that
+/// authorizes the primary (TPM2_Create, TPM2_Load): what remains is the window between that
+/// command and this one.
 fn end_da_use(ctx: &mut Context) {
     if let Err(e) = ctx.shutdown(StartupType::Clear) {
         tracing::warn!(
@@ -376,6 +377,28 @@ fn end_da_use(ctx: &mut Context) {
              shutdown counts as a failed authorization against the TPM's DA limit"
         );
     }
+}
+
+/// Runs `command`, the one command that authorizes the DA-protected primary (in `session`),
+/// then ends the "DA used" state at once, succeeded or not (the authorization is checked
+/// before the command runs). A lockout answer becomes the lockout report; any other error
+/// goes through `other`.
+fn authorizing_primary<T>(
+    ctx: &mut Context,
+    session: AuthSession,
+    what: &str,
+    command: impl FnOnce(&mut Context) -> tss_esapi::Result<T>,
+    other: impl FnOnce(tss_esapi::Error) -> anyhow::Error,
+) -> crate::Result<T> {
+    let result = ctx.execute_with_session(Some(session), command);
+    end_da_use(ctx);
+    result.map_err(|e| {
+        if is_lockout(&e) {
+            lockout_error(ctx, what)
+        } else {
+            other(e)
+        }
+    })
 }
 
 impl Tpm2Protector {
@@ -411,17 +434,13 @@ impl Tpm2Protector {
         // The secret travels in TPM2_Create's first parameter (inSensitive): the session
         // authorizing the primary is salted with it and encrypts that parameter.
         let session = start_session(ctx, SessionType::Hmac, Some(primary), (true, false), flush)?;
-        let created = ctx
-            .execute_with_session(Some(session), |ctx| {
-                ctx.create(primary, template, None, Some(sensitive), None, None)
-            })
-            .map_err(|e| {
-                if is_lockout(&e) {
-                    lockout_error(ctx, "seal the KEK secret")
-                } else {
-                    anyhow!("TPM could not seal the KEK secret: {e}")
-                }
-            })?;
+        let created = authorizing_primary(
+            ctx,
+            session,
+            "seal the KEK secret",
+            |ctx| ctx.create(primary, template, None, Some(sensitive), None, None),
+            |e| anyhow!("TPM could not seal the KEK secret: {e}"),
+        )?;
         let mut blob = tpm2b(created.out_private.value())?;
         blob.extend(tpm2b(&created.out_public.marshall()?)?);
         Ok((blob, policy, primary_name))
@@ -456,15 +475,15 @@ impl Tpm2Protector {
             ),
         }
         let session = start_session(ctx, SessionType::Hmac, Some(primary), (false, false), flush)?;
-        let object = ctx
-            .execute_with_session(Some(session), |ctx| ctx.load(primary, private, public))
-            .map_err(|e| {
-                if is_lockout(&e) {
-                    lockout_error(ctx, "load the sealed KEK")
-                } else {
-                    anyhow!("TPM refused to load the sealed KEK (made by another TPM?): {e}")
-                }
-            })?;
+        // TPM2_Unseal's pure PolicyPCR session is never DA-checked: the "DA used" state ends
+        // before it.
+        let object = authorizing_primary(
+            ctx,
+            session,
+            "load the sealed KEK",
+            |ctx| ctx.load(primary, private, public),
+            |e| anyhow!("TPM refused to load the sealed KEK (made by another TPM?): {e}"),
+        )?;
         flush.0.push(object.into());
         // The policy is recomputed over the token's bank: the one it was sealed with. The
         // policy session is salted and encrypts TPM2_Unseal's response (the secret).
@@ -517,7 +536,6 @@ impl KekProtector for Tpm2Protector {
         let mut flush = Flush::default();
         let sealed = self.seal_inner(&mut ctx, &mut flush, secret.expose());
         flush.all(&mut ctx);
-        end_da_use(&mut ctx);
         let (blob, policy, primary_name) = sealed?;
         let mut fields = Map::new();
         fields.insert(
@@ -549,7 +567,6 @@ impl KekProtector for Tpm2Protector {
         let mut flush = Flush::default();
         let data = self.unseal_inner(&mut ctx, &mut flush, &token);
         flush.all(&mut ctx);
-        end_da_use(&mut ctx);
         Ok(Secret::new(data?))
     }
 
