@@ -56,7 +56,7 @@ fn cut_each(
     rig: &mut Rig,
     cuts: usize,
     cut_at: Option<u32>,
-    unlock: impl Fn(&Rig, u16) -> bool,
+    unlock: impl Fn(&Rig, &Proxy) -> bool,
 ) -> usize {
     let state = rig.tpm.state.clone();
     // The running swtpm holds the state dir: stop it first (not counted, nothing in use).
@@ -66,7 +66,7 @@ fn cut_each(
         rig.tpm = Swtpm::start_on(&state);
         let proxy = Proxy::start_cutting(&rig.tpm, cut_at);
         rig.point_tpm_at(&proxy.tcti());
-        let unlocked = unlock(rig, proxy.port);
+        let unlocked = unlock(rig, &proxy);
         let (_, codes) = proxy.take();
         let authorized = if cut_at.is_some() {
             codes.contains(&CC_LOAD)
@@ -82,12 +82,59 @@ fn cut_each(
     real
 }
 
-fn cryptfs_unlocks(rig: &Rig, _: u16) -> bool {
+fn cryptfs_unlocks(rig: &Rig, _: &Proxy) -> bool {
     rig.cryptfs(&["unlock", "--test"]).status.success()
 }
 
-fn systemd_unlocks(rig: &Rig, port: u16) -> bool {
-    common::systemd_tpm2_plugin_unlocks(&rig.device, &format!("swtpm:port={port}")).is_ok()
+fn systemd_unlocks(rig: &Rig, proxy: &Proxy) -> bool {
+    common::systemd_tpm2_plugin_unlocks(&rig.device, &format!("swtpm:port={}", proxy.port)).is_ok()
+}
+
+/// The re-encryption stage, cut with the whole machine (cryptfs and the TPM) 0-250 ms after
+/// its TPM2_Unseal: true when the unseal happened before the cut.
+fn reencryption_cut(rig: &Rig, proxy: &Proxy, delay_ms: u64) -> bool {
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["run", "--stage", "userspace", "--config"])
+        .arg(&rig.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("cryptfs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut unsealed = false;
+    while std::time::Instant::now() < deadline {
+        if proxy.saw(CC_UNSEAL) {
+            unsealed = true;
+            break;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+    let _ = child.kill();
+    let _ = child.wait();
+    unsealed
+}
+
+#[test]
+fn ten_power_cuts_during_reencryption_leave_the_lockout_counter_at_zero() {
+    let mut rig = Rig::new(Image::Ci, 128);
+    rig.run_stage("initramfs");
+    assert_eq!(rig.status()["state"], "reencrypting");
+    let delay = std::cell::Cell::new(0u64);
+    let cuts = cut_each(&mut rig, CUTS, None, |rig, proxy| {
+        delay.set((delay.get() + 97) % 250);
+        reencryption_cut(rig, proxy, delay.get())
+    });
+    let counter = lockout_counter(&rig.tpm);
+    println!("re-encryption stage: {CUTS} power cuts after its unseal, {cuts} cut, lockout counter {counter}");
+    assert_eq!(cuts, CUTS, "every cut came after the stage's TPM2_Unseal");
+    assert_eq!(counter, 0);
+    rig.run_stage("userspace");
+    assert_eq!(rig.status()["state"], "header-backed-up");
+    assert_eq!(rig.files_inside(), rig.files);
 }
 
 #[test]
@@ -99,7 +146,10 @@ fn ten_power_cuts_during_unlock_leave_the_lockout_counter_at_zero() {
 
     let cryptfs_cuts = cut_each(&mut rig, CUTS, None, cryptfs_unlocks);
     let cryptfs_counter = lockout_counter(&rig.tpm);
-    assert!(cryptfs_unlocks(&rig, 0), "a final unlock after the cuts");
+    assert!(
+        rig.cryptfs(&["unlock", "--test"]).status.success(),
+        "a final unlock after the cuts"
+    );
 
     // Mid-unlock, when TPM2_Unseal is sent (the primary authorized by TPM2_Load before it).
     let mid_cuts = cut_each(&mut rig, 3, Some(CC_UNSEAL), cryptfs_unlocks);

@@ -99,6 +99,11 @@ impl Proxy {
         format!("swtpm:host=127.0.0.1,port={}", self.port)
     }
 
+    /// Whether a command with code `cc` was sent since the last [`Proxy::take`].
+    pub fn saw(&self, cc: u32) -> bool {
+        command_codes(&self.commands.lock().expect("log")).contains(&cc)
+    }
+
     /// The bytes seen since the last call, and the command codes sent in them.
     pub fn take(&self) -> (Vec<u8>, Vec<u32>) {
         // The client has exited; let the pump threads drain what is in flight.

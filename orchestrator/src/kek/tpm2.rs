@@ -248,8 +248,8 @@ impl Flush {
 }
 
 /// The storage primary and its TPM name. ESAPI computes the name from the public area the TPM
-/// returned and checks it against the name the TPM returned with it, so the name is the key the
-/// salt of every later session is encrypted to.
+/// returned and checks it against the name the TPM returned with it, so the name identifies the
+/// very key the salt of every later session is encrypted to (the pin, [`PRIMARY_NAME_FIELD`]).
 fn create_primary(ctx: &mut Context, flush: &mut Flush) -> crate::Result<(KeyHandle, Vec<u8>)> {
     let template = primary_template()?;
     // CreatePrimary is authorized by the owner hierarchy, which is exempt from DA protection.
