@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::ffi::CString;
-use std::os::raw::c_char;
 use std::process::Command;
 
 use common::{Image, Rig, SoftHsm, CI_PASSPHRASE, USER_PIN};
@@ -12,36 +10,9 @@ use libcryptsetup_rs::consts::flags::CryptActivate;
 use libcryptsetup_rs::consts::vals::EncryptionFormat;
 use libcryptsetup_rs::CryptInit;
 
-/// systemd 252's `struct systemd_tpm2_plugin_params` (src/cryptsetup/cryptsetup-tokens).
-#[repr(C)]
-struct Tpm2PluginParams {
-    search_pcr_mask: u32,
-    device: *const c_char,
-    signature_path: *const c_char,
-}
-
 /// Unlocks (test only, no activation) through systemd's own token plugin.
 fn systemd_tpm2_plugin_unlocks(rig: &Rig) -> Result<u32, String> {
-    let device = CString::new(format!("swtpm:port={}", rig.tpm.port)).expect("cstring");
-    let mut params = Tpm2PluginParams {
-        search_pcr_mask: u32::MAX,
-        device: device.as_ptr(),
-        signature_path: std::ptr::null(),
-    };
-    let mut cd = CryptInit::init(&rig.device).map_err(|e| e.to_string())?;
-    cd.context_handle()
-        .load::<()>(Some(EncryptionFormat::Luks2), None)
-        .map_err(|e| e.to_string())?;
-    // No PIN: systemd's plugin must get NULL (it checks `memchr(pin, 0, pin_size - 1)`).
-    let token = common::luks2(&rig.device)
-        .tokens
-        .iter()
-        .find(|(_, t)| t.kind == "systemd-tpm2")
-        .map(|(id, _)| *id)
-        .ok_or("no systemd-tpm2 token")?;
-    cd.token_handle()
-        .activate_by_token(None, Some(token), Some(&mut params), CryptActivate::empty())
-        .map_err(|e| e.to_string())
+    common::systemd_tpm2_plugin_unlocks(&rig.device, &format!("swtpm:port={}", rig.tpm.port))
 }
 
 fn systemd_pkcs11_plugin_unlocks(rig: &Rig, hsm: &SoftHsm) -> Result<u32, String> {
