@@ -164,3 +164,60 @@ fn invalid_configuration_is_explained() {
     );
     run("true", &[]);
 }
+
+/// PCR 7 in the policy and UEFI Secure Boot off, in setup mode, or no efivarfs at all: a fatal
+/// error before any write, on both paths. `require_secure_boot = false` lets the same device
+/// provision (the opt-out works, so the refusals are the check's, not something else's).
+#[test]
+fn secure_boot_off_or_in_setup_mode_or_absent_refuses_pcr7() {
+    // The state directory lives as long as the TPM: the opt-out below writes NV state.
+    let tpm_dir = tempfile::tempdir().expect("tpm dir");
+    let tpm = Swtpm::start(tpm_dir.path());
+    let refusals = [
+        ("off", Some((false, false)), "UEFI Secure Boot is off"),
+        ("setup", Some((true, true)), "in setup mode"),
+        ("absent", None, "no UEFI variables at"),
+    ];
+    let mut refused = 0;
+    for (name, state, expected) in refusals {
+        let plain = case(&tpm.tcti(), |dev, src| make_ext4(dev, 128, src));
+        let ci = case(&tpm.tcti(), |dev, src| {
+            make_ci_image(dev, 128, src, common::CI_PASSPHRASE)
+        });
+        for c in [&plain, &ci] {
+            let efivars = c.dir.path().join(format!("efivars-{name}"));
+            if let Some((enabled, setup)) = state {
+                cryptfs::secure_boot::write_fake_efivars(&efivars, enabled, setup)
+                    .expect("efivars");
+            }
+            let text = std::fs::read_to_string(&c.config).expect("config");
+            let text = text.replace(
+                &format!(
+                    "efivars_dir = \"{}\"",
+                    common::secure_boot_on_efivars().display()
+                ),
+                &format!("efivars_dir = \"{}\"", efivars.display()),
+            );
+            assert!(text.contains(&efivars.display().to_string()));
+            std::fs::write(&c.config, text).expect("config");
+            refuses(c, &[expected, "require_secure_boot = false"]);
+            refused += 1;
+        }
+        // The opt-out, on the CI image of the last case: provisioning goes ahead.
+        if state.is_none() {
+            let text = std::fs::read_to_string(&ci.config).expect("config");
+            std::fs::write(
+                &ci.config,
+                text.replace("[kek.tpm2]\n", "[kek.tpm2]\nrequire_secure_boot = false\n"),
+            )
+            .expect("config");
+            let out = cryptfs_with(&["run", "--stage", "initramfs"], &ci.config, &[]);
+            assert!(
+                out.status.success(),
+                "require_secure_boot = false provisions: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    assert_eq!(refused, 6, "three Secure Boot states × two paths refused");
+}

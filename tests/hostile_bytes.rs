@@ -783,6 +783,8 @@ fn tokens_never_panic_and_pcrs_are_bounded() {
         tcti: tpm.tcti(),
         pcrs: vec![7],
         pcr_bank: "sha256".into(),
+        efivars_dir: common::secure_boot_on_efivars().to_path_buf(),
+        ..Default::default()
     })
     .expect("protector");
     let (_, sealed) = protector.seal().expect("seal with swtpm");
@@ -871,6 +873,8 @@ fn unseal_uses_the_tokens_pcr_bank() {
         tcti: tpm.tcti(),
         pcrs: vec![7],
         pcr_bank: bank.into(),
+        efivars_dir: common::secure_boot_on_efivars().to_path_buf(),
+        ..Default::default()
     };
     let mut sealer = Tpm2Protector::new(&config("sha256")).expect("sha256");
     let (secret, sealed) = sealer.seal().expect("seal");
@@ -1467,6 +1471,8 @@ fn write_fuzz_corpus() {
         tcti: tpm.tcti(),
         pcrs: vec![7],
         pcr_bank: "sha256".into(),
+        efivars_dir: common::secure_boot_on_efivars().to_path_buf(),
+        ..Default::default()
     })
     .expect("protector");
     let (_, sealed) = protector.seal().expect("seal");

@@ -15,6 +15,9 @@
 //! tcti = "device:/dev/tpmrm0"
 //! pcrs = [7]
 //! pcr_bank = "sha256"
+//! # require_secure_boot = true   (default: true when 7 is in pcrs; refuses to seal unless
+//! #                               UEFI Secure Boot is on and not in setup mode)
+//! # efivars_dir = "/sys/firmware/efi/efivars"
 //!
 //! # or, for a PKCS#11 token (the reference's OP-TEE setup):
 //! # [kek]
@@ -147,6 +150,21 @@ pub struct Tpm2Config {
     /// PCR bank.
     #[serde(default = "default_bank")]
     pub pcr_bank: String,
+    /// Refuse to seal to PCR 7 unless UEFI Secure Boot is on and out of setup mode (PCR 7
+    /// protects nothing otherwise). Unset: on exactly when 7 is in `pcrs`.
+    #[serde(default)]
+    pub require_secure_boot: Option<bool>,
+    /// Where efivarfs is mounted (tests point it at a directory of their own).
+    #[serde(default = "default_efivars_dir")]
+    pub efivars_dir: PathBuf,
+}
+
+impl Tpm2Config {
+    /// Whether sealing needs UEFI Secure Boot enforced (see `require_secure_boot`).
+    pub fn requires_secure_boot(&self) -> bool {
+        self.require_secure_boot
+            .unwrap_or_else(|| self.pcrs.contains(&7))
+    }
 }
 
 impl Default for Tpm2Config {
@@ -155,6 +173,8 @@ impl Default for Tpm2Config {
             tcti: default_tcti(),
             pcrs: default_pcrs(),
             pcr_bank: default_bank(),
+            require_secure_boot: None,
+            efivars_dir: default_efivars_dir(),
         }
     }
 }
@@ -167,6 +187,9 @@ fn default_pcrs() -> Vec<u8> {
 }
 fn default_bank() -> String {
     "sha256".to_string()
+}
+fn default_efivars_dir() -> PathBuf {
+    PathBuf::from(crate::secure_boot::DEFAULT_EFIVARS_DIR)
 }
 
 /// `[reencrypt]`.

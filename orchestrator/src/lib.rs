@@ -20,6 +20,7 @@ pub mod record;
 pub mod reencrypt_progress;
 pub mod runner;
 pub mod secret;
+pub mod secure_boot;
 pub mod status;
 pub mod steps;
 pub mod token_unlock;

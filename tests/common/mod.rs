@@ -313,10 +313,28 @@ pub struct Rig {
 
 pub fn config_text(device: &Path, boot: &Path, tcti: &str, extra: &str) -> String {
     format!(
-        "device = \"{}\"\nboot_dir = \"{}\"\n{extra}\n[kek]\nkind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"{tcti}\"\npcrs = [7]\npcr_bank = \"sha256\"\n\n[reencrypt]\nhotzone_size = 8388608\n",
+        "device = \"{}\"\nboot_dir = \"{}\"\n{extra}\n[kek]\nkind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"{tcti}\"\npcrs = [7]\npcr_bank = \"sha256\"\nefivars_dir = \"{}\"\n\n[reencrypt]\nhotzone_size = 8388608\n",
         device.display(),
-        boot.display()
+        boot.display(),
+        secure_boot_on_efivars().display()
     )
+}
+
+/// An efivarfs-shaped directory saying UEFI Secure Boot is on and out of setup mode, as on a
+/// provisioned device: the host has no UEFI firmware, and sealing to PCR 7 requires it.
+pub fn secure_boot_on_efivars() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("efivars-secure-boot-on");
+        // Written beside and renamed: test processes running at once never see half a file.
+        let staging = dir.with_extension(format!("{}", std::process::id()));
+        cryptfs::secure_boot::write_fake_efivars(&staging, true, false).expect("fake efivars");
+        if std::fs::rename(&staging, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+        assert!(cryptfs::secure_boot::require_enforced(&dir).is_ok());
+        dir
+    })
 }
 
 pub enum Image {

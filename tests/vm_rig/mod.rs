@@ -215,10 +215,12 @@ pub fn unit_exec_start() -> String {
         .to_string()
 }
 
+/// The guest's configuration. The SeaBIOS guest has no UEFI firmware, so no Secure Boot to
+/// require before sealing to PCR 7 (the OVMF tier checks that).
 fn guest_config(resume: &str) -> String {
     format!(
         "device = \"/dev/vda2\"\nboot_dir = \"/boot\"\nmapping_name = \"otaroot\"\n\n[kek]\n\
-         kind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"device:/dev/tpmrm0\"\n\n[reencrypt]\n\
+         kind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"device:/dev/tpmrm0\"\nrequire_secure_boot = false\n\n[reencrypt]\n\
          hotzone_size = 8388608\nresume = \"{resume}\"\n"
     )
 }
@@ -516,33 +518,9 @@ impl Disk {
                 "--overwrite",
             ],
         );
-        // Dictionary-attack parameters of a real TPM (32 tries; libtpms defaults to 3, and
-        // every power cut while the KEK was in use counts as a failure against systemd's
-        // DA-protected storage primary), with a short recovery time for the tests.
-        let tpm = common::Swtpm::start_on(&tpm_state);
-        for args in [
-            &[
-                "tpm2_dictionarylockout",
-                "--setup-parameters",
-                "--max-tries=32",
-                "--recovery-time=10",
-                "--lockout-recovery-time=10",
-            ][..],
-            &["tpm2_shutdown"][..],
-        ] {
-            let out = Command::new(args[0])
-                .args(&args[1..])
-                .env("TPM2TOOLS_TCTI", tpm.tcti())
-                .output()
-                .expect("tpm2-tools");
-            assert!(
-                out.status.success(),
-                "{}: {}",
-                args[0],
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        tpm.stop();
+        // libtpms' default dictionary-attack parameters (3 tries, 1000 s to heal one): the
+        // power-cut scenarios cut more often than that while the KEK is in use, so a DA leak in
+        // cryptfs' TPM use locks the TPM out and fails them (design/README.md, "power cuts").
         Disk {
             dir,
             path,

@@ -136,7 +136,7 @@ fn prove_data(bin: &Path, config: &Path, work: &Path, src: &Path) -> Result<()> 
 pub(crate) fn config(path: &Path, device: &Path, boot: &Path, port: u16) -> Result<()> {
     std::fs::create_dir_all(boot)?;
     let text = format!(
-        "device = \"{}\"\nboot_dir = \"{}\"\nlabel = \"otaroot\"\n\n[kek]\nkind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"swtpm:host=127.0.0.1,port={port}\"\npcrs = [7]\npcr_bank = \"sha256\"\n\n[reencrypt]\nhotzone_size = 8388608\n",
+        "device = \"{}\"\nboot_dir = \"{}\"\nlabel = \"otaroot\"\n\n[kek]\nkind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"swtpm:host=127.0.0.1,port={port}\"\npcrs = [7]\npcr_bank = \"sha256\"\n# A software TPM on a host without UEFI: no Secure Boot behind PCR 7.\nrequire_secure_boot = false\n\n[reencrypt]\nhotzone_size = 8388608\n",
         device.display(),
         boot.display()
     );

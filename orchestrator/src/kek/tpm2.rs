@@ -45,6 +45,8 @@ pub struct Tpm2Protector {
     pcrs: Vec<u8>,
     bank: HashingAlgorithm,
     bank_name: String,
+    /// The efivarfs directory to check Secure Boot in before sealing, when required.
+    secure_boot_from: Option<std::path::PathBuf>,
 }
 
 impl Tpm2Protector {
@@ -59,7 +61,18 @@ impl Tpm2Protector {
             pcrs: config.pcrs.clone(),
             bank,
             bank_name: config.pcr_bank.clone(),
+            secure_boot_from: config
+                .requires_secure_boot()
+                .then(|| config.efivars_dir.clone()),
         })
+    }
+
+    /// Refuses to seal when Secure Boot is required and not enforced (design/README.md).
+    fn check_secure_boot(&self) -> crate::Result<()> {
+        if let Some(dir) = &self.secure_boot_from {
+            crate::secure_boot::require_enforced(dir)?;
+        }
+        Ok(())
     }
 
     fn context(&self) -> crate::Result<Context> {
@@ -520,6 +533,7 @@ impl KekProtector for Tpm2Protector {
     }
 
     fn preflight(&mut self) -> crate::Result<()> {
+        self.check_secure_boot()?;
         let mut ctx = self.context()?;
         let mut flush = Flush::default();
         let result = create_primary(&mut ctx, &mut flush)
@@ -529,6 +543,7 @@ impl KekProtector for Tpm2Protector {
     }
 
     fn seal(&mut self) -> crate::Result<(Secret, SealedKek)> {
+        self.check_secure_boot()?;
         let mut bytes = zeroize::Zeroizing::new(vec![0u8; SECRET_BYTES]);
         rand::rngs::OsRng.fill_bytes(&mut bytes);
         let secret = Secret::new(bytes.to_vec());
