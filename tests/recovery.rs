@@ -11,7 +11,7 @@ use std::process::Output;
 
 use common::{Image, Rig, CI_PASSPHRASE, RECOVERY_BOUNDARIES};
 
-const SIZE_MIB: u64 = 64;
+const SIZE_MIB: u64 = 96;
 
 /// Rewrites the rig's configuration with a `[recovery]` section escrowing to a file and to a
 /// command (both outside the boot partition the secret scan covers).
@@ -156,6 +156,26 @@ fn both_paths_escrow_then_enroll_a_key_stock_tools_use() {
         assert!(meta.passphrase_keyslots().is_empty());
         let status = rig.status();
         assert_eq!(status["state"], "header-backed-up", "{status}");
+        let roles: Vec<(u64, String)> = status["device"]["keyslots"]
+            .as_array()
+            .expect("keyslots")
+            .iter()
+            .map(|k| {
+                (
+                    k["id"].as_u64().expect("id"),
+                    k["role"].as_str().expect("role").to_string(),
+                )
+            })
+            .collect();
+        assert!(
+            roles.contains(&(u64::from(slot), "recovery".to_string())),
+            "{roles:?}"
+        );
+        assert_eq!(
+            roles.iter().filter(|(_, r)| r == "kek").count(),
+            1,
+            "{roles:?}"
+        );
         assert_eq!(rig.files_inside(), rig.files);
         // `--wipe-slot=recovery` removes exactly that keyslot.
         let out = common::run(
