@@ -52,6 +52,10 @@ pub enum Command {
         /// Print only the path of the active mapping on stdout (for the initramfs module).
         #[arg(long, conflicts_with = "test")]
         device_path: bool,
+        /// Open with the recovery key read from FILE (`-` = standard input) instead of the
+        /// KEK token.
+        #[arg(long, value_name = "FILE")]
+        recovery_key_file: Option<PathBuf>,
     },
     /// Unlock with the KEK token (no activation) and write the decrypted filesystem image to
     /// a file, for offline checks on machines without dm-crypt (demo, tests). Only in builds

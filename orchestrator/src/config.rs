@@ -33,6 +33,11 @@
 //! policy = "when-from-image"   # or "always" / "never"
 //! resume = "initramfs"         # or "background": after a crash, the initramfs only repairs
 //!                              # and the userspace service finishes the job
+//!
+//! # [recovery]                 # optional: a systemd-compatible recovery key keyslot
+//! # enabled = true
+//! # escrow_file = "/boot/recovery.key"           # written 0600 before the keyslot exists
+//! # escrow_command = ["/usr/bin/upload", "--x"]  # argv, no shell; the key on stdin; exit 0
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -69,6 +74,34 @@ pub struct Config {
     /// Re-encryption settings.
     #[serde(default)]
     pub reencrypt: ReencryptConfig,
+    /// The recovery key (off unless `[recovery] enabled = true`).
+    #[serde(default)]
+    pub recovery: RecoveryConfig,
+}
+
+/// `[recovery]`: a recovery keyslot in systemd's format, escrowed before it is added.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryConfig {
+    /// Enroll a recovery key during provisioning.
+    #[serde(default)]
+    pub enabled: bool,
+    /// File the key is written to (0600, replaced atomically).
+    #[serde(default)]
+    pub escrow_file: Option<PathBuf>,
+    /// Command (argument vector, no shell) that receives the key on its standard input.
+    #[serde(default)]
+    pub escrow_command: Option<Vec<String>>,
+}
+
+impl RecoveryConfig {
+    /// The escrow destinations.
+    pub fn escrow(&self) -> crate::recovery::Escrow {
+        crate::recovery::Escrow {
+            file: self.escrow_file.clone(),
+            command: self.escrow_command.clone(),
+        }
+    }
 }
 
 fn default_label() -> String {
@@ -327,6 +360,21 @@ impl Config {
         anyhow::ensure!(
             !config.label.is_empty() && config.label.len() < 48,
             "label must be 1 to 47 bytes"
+        );
+        if config.recovery.enabled {
+            anyhow::ensure!(
+                config.recovery.escrow_file.is_some() || config.recovery.escrow_command.is_some(),
+                "[recovery] enabled = true needs escrow_file or escrow_command: a recovery key \
+                 nobody kept recovers nothing"
+            );
+        }
+        anyhow::ensure!(
+            config
+                .recovery
+                .escrow_command
+                .as_ref()
+                .is_none_or(|argv| !argv.is_empty() && !argv[0].is_empty()),
+            "recovery.escrow_command must name a program: [\"/path/to/program\", \"arg\", ...]"
         );
         if config.kek.kind == KekKind::Pkcs11 {
             let p = config.kek.pkcs11.as_ref().ok_or_else(|| {

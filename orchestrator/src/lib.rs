@@ -17,6 +17,7 @@ pub mod plaintext;
 pub mod probe;
 pub mod progress;
 pub mod record;
+pub mod recovery;
 pub mod reencrypt_progress;
 pub mod runner;
 pub mod secret;

@@ -90,8 +90,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Unlock {
             config,
+            test,
+            device_path,
+            recovery_key_file: Some(key_file),
+        } => {
+            let config = Config::load(&config)?;
+            let key = cryptfs::recovery::read_recovery_key(&key_file)?;
+            let keyslot = cryptfs::unlock::with_recovery_key(&config, &key, !test)?;
+            let what = if test {
+                "test only, nothing activated"
+            } else {
+                "activated"
+            };
+            if device_path {
+                println!(
+                    "/dev/mapper/{}",
+                    config.mapping_name.as_deref().unwrap_or_default()
+                );
+            } else {
+                println!(
+                    "cryptfs: the recovery key opened keyslot {keyslot} of {} ({what})",
+                    config.device.display()
+                );
+            }
+            Ok(())
+        }
+        Command::Unlock {
+            config,
             test: false,
             device_path,
+            recovery_key_file: None,
         } => {
             let config = Config::load(&config)?;
             let path = format!(

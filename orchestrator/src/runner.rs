@@ -61,6 +61,7 @@ pub fn facts(
             },
             reencrypt_needs_repair: meta.reencrypt_crashed()
                 || crate::luks::finalize::all_data_on_final_key(meta),
+            recovery_token: !steps::recovery::recovery_keyslots(meta).is_empty(),
         }),
         Content::Luks1 => bail!(
             "{dev} is LUKS1; cryptfs needs LUKS2 (convert it with `cryptsetup convert --type \
@@ -94,6 +95,7 @@ pub fn facts(
         policy: Policy {
             reencrypt: config.reencrypt.policy,
             resume: config.reencrypt.resume,
+            recovery: config.recovery.enabled,
         },
     })
 }
@@ -236,6 +238,11 @@ pub fn run(
         let state = derive_state(&current);
         for step in record::reconcile(&mut rec, state)? {
             tracing::info!(%step, %state, "interrupted step had already taken effect; journal reconciled");
+        }
+        if let Content::Luks2(meta) = &probe.content {
+            if steps::recovery::reconcile(&mut rec, state, meta)? {
+                tracing::info!(%state, "interrupted recovery enrollment had finished; journal reconciled");
+            }
         }
         let machine = machine.get_or_insert_with(|| {
             tracing::info!(%state, stage = stage_name(stage), "provisioning state");

@@ -80,6 +80,9 @@ pub struct KeyslotStatus {
     pub token_types: Vec<String>,
     /// KDF.
     pub kdf: Option<String>,
+    /// What it is for: `kek` (a systemd-tpm2/-pkcs11 token), `recovery` (a systemd-recovery
+    /// token), `passphrase`, `reencrypt`, or `other` (another tool's token).
+    pub role: String,
 }
 
 /// One token.
@@ -343,9 +346,22 @@ fn describe(device: &mut DeviceStatus, content: &Content, kek: &dyn kek::KekProt
                 } else {
                     "token"
                 };
+                let role = if kind != "token" {
+                    kind
+                } else if token_types.iter().any(|t| t == crate::recovery::TOKEN_TYPE) {
+                    "recovery"
+                } else if token_types
+                    .iter()
+                    .any(|t| t == "systemd-tpm2" || t == "systemd-pkcs11")
+                {
+                    "kek"
+                } else {
+                    "other"
+                };
                 device.keyslots.push(KeyslotStatus {
                     id: *id,
                     kind: kind.into(),
+                    role: role.into(),
                     token_types,
                     kdf: slot.kdf.clone(),
                 });
@@ -404,9 +420,14 @@ pub fn render(s: &Status) -> String {
     for k in &d.keyslots {
         let _ = writeln!(
             out,
-            "keyslot {:>2}: {}{} ({})",
+            "keyslot {:>2}: {}{}{} ({})",
             k.id,
             k.kind,
+            if k.role == k.kind {
+                String::new()
+            } else {
+                format!(" {}", k.role)
+            },
             if k.token_types.is_empty() {
                 String::new()
             } else {

@@ -91,3 +91,51 @@ pub fn activate(config: &Config) -> crate::Result<Activation> {
         keyslot: unlocked.keyslot,
     })
 }
+
+/// Opens the configured device with a recovery key: only tests it when `activate` is false,
+/// otherwise activates `/dev/mapper/<mapping_name>`. Only keyslots named by a
+/// `systemd-recovery` token are tried, so a recovery key never opens some other keyslot by
+/// accident and the answer says which role opened. Returns the keyslot.
+pub fn with_recovery_key(
+    config: &Config,
+    key: &crate::secret::Passphrase,
+    activate: bool,
+) -> crate::Result<u32> {
+    let meta = match probe::probe(&config.device)?.content {
+        Content::Luks2(meta) => meta,
+        _ => bail!("{} is not a LUKS2 volume", config.device.display()),
+    };
+    let slots = crate::steps::recovery::recovery_keyslots(&meta);
+    if slots.is_empty() {
+        bail!(
+            "{} has no recovery keyslot (no systemd-recovery token)",
+            config.device.display()
+        );
+    }
+    let slot = slots
+        .iter()
+        .copied()
+        .find(|s| device::test_passphrase(&config.device, Some(*s), key).is_ok())
+        .ok_or_else(|| {
+            anyhow!(
+                "the recovery key opens no recovery keyslot of {} (keyslots tried: {slots:?})",
+                config.device.display()
+            )
+        })?;
+    if activate {
+        if meta.reencrypt_mode().is_some() {
+            bail!(
+                "{} has a re-encryption in flight; finish it with `cryptfs run` first",
+                config.device.display()
+            );
+        }
+        let name = config.mapping_name.as_deref().ok_or_else(|| {
+            anyhow!("no `mapping_name` in the configuration: nothing to activate the volume as")
+        })?;
+        if probe::mapping_active(Some(name)) {
+            return Ok(slot);
+        }
+        device::activate(&config.device, name, Some(slot), key)?;
+    }
+    Ok(slot)
+}

@@ -26,6 +26,8 @@ pub enum Step {
     EncryptInPlace,
     /// Add the KEK keyslot and token next to the image's passphrase keyslot.
     EnrollKek,
+    /// Add a recovery keyslot and its `systemd-recovery` token, the key escrowed first.
+    EnrollRecovery,
     /// Destroy every keyslot no token references.
     WipePassphrase,
     /// Mark the header for re-encryption with a new volume key.
@@ -43,9 +45,10 @@ pub enum Step {
 
 impl Step {
     /// Every step, in path order.
-    pub const ALL: [Step; 8] = [
+    pub const ALL: [Step; 9] = [
         Step::EncryptInPlace,
         Step::EnrollKek,
+        Step::EnrollRecovery,
         Step::WipePassphrase,
         Step::InitReencrypt,
         Step::Reencrypt,
@@ -59,6 +62,7 @@ impl Step {
         match self {
             Step::EncryptInPlace => "encrypt-in-place",
             Step::EnrollKek => "enroll-kek",
+            Step::EnrollRecovery => "enroll-recovery",
             Step::WipePassphrase => "wipe-passphrase",
             Step::InitReencrypt => "init-reencrypt",
             Step::Reencrypt => "reencrypt",
@@ -114,7 +118,13 @@ pub fn plan(facts: &Facts, stage: Stage) -> Action {
                 DeviceFacts::Luks2(luks) => !luks.passphrase_keyslots.is_empty(),
                 DeviceFacts::PlainExt4 => false,
             };
-            if passphrases_left {
+            // The recovery keyslot is escrowed and added before the last passphrase goes. Not
+            // when the volume key is still to be replaced: the re-encryption would drop it (a
+            // keyslot of the old key) and its key is never kept to re-wrap; it is enrolled once
+            // the key is final (the image passphrase it would back up is public anyway).
+            if passphrases_left && recovery_missing(facts) && !facts.reencrypt_required() {
+                early_step(Step::EnrollRecovery)
+            } else if passphrases_left {
                 early_step(Step::WipePassphrase)
             } else {
                 early_step(Step::InitReencrypt)
@@ -135,6 +145,8 @@ pub fn plan(facts: &Facts, stage: Stage) -> Action {
             }
             _ => Action::Run(Step::Reencrypt),
         },
+        // Before the header backup, so that the backup holds the recovery keyslot too.
+        ProvisioningState::Complete if recovery_missing(facts) => Action::Run(Step::EnrollRecovery),
         ProvisioningState::Complete if late => Action::Run(Step::BackupHeader),
         ProvisioningState::HeaderBackedUp
             if late && facts.mapping_active && !facts.journal.filesystem_grown =>
@@ -143,4 +155,9 @@ pub fn plan(facts: &Facts, stage: Stage) -> Action {
         }
         ProvisioningState::Complete | ProvisioningState::HeaderBackedUp => Action::Done,
     }
+}
+
+/// A recovery key is wanted and the volume has no `systemd-recovery` token yet.
+fn recovery_missing(facts: &Facts) -> bool {
+    facts.policy.recovery && matches!(&facts.device, DeviceFacts::Luks2(l) if !l.recovery_token)
 }

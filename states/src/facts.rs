@@ -25,6 +25,9 @@ pub struct Luks2Facts {
     /// the metadata unfinished (windows A and B).
     #[serde(default)]
     pub reencrypt_needs_repair: bool,
+    /// A `systemd-recovery` token names an existing keyslot.
+    #[serde(default)]
+    pub recovery_token: bool,
 }
 
 /// Which kind of LUKS2 re-encryption the header has in flight.
@@ -118,6 +121,9 @@ pub struct Policy {
     /// Where an interrupted re-encryption is finished.
     #[serde(default)]
     pub resume: ResumePolicy,
+    /// A recovery key is to be enrolled (`[recovery] enabled`).
+    #[serde(default)]
+    pub recovery: bool,
 }
 
 impl Facts {

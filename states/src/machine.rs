@@ -59,6 +59,8 @@ mod model {
         match (from, step) {
             (S::Unencrypted, Step::EncryptInPlace) => &[S::KekEnrolled, S::Complete],
             (S::EncryptedWithPassphrase, Step::EnrollKek) => &[S::KekEnrolled],
+            (S::KekEnrolled, Step::EnrollRecovery) => &[S::KekEnrolled],
+            (S::Complete, Step::EnrollRecovery) => &[S::Complete],
             (S::KekEnrolled, Step::WipePassphrase) => &[S::KekEnrolled, S::Complete],
             (S::KekEnrolled, Step::InitReencrypt) => &[S::Reencrypting],
             (S::Reencrypting, Step::Reencrypt) => &[S::Complete],

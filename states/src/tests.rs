@@ -8,6 +8,7 @@ fn luks(kek: bool, passphrases: &[u32], reencrypt: Option<ReencryptMode>) -> Dev
         passphrase_keyslots: passphrases.to_vec(),
         reencrypt,
         reencrypt_needs_repair: false,
+        recovery_token: false,
     })
 }
 
@@ -235,6 +236,7 @@ fn every_state_has_a_plan_for_every_stage() {
             passphrase_keyslots: vec![],
             reencrypt: Some(ReencryptMode::Reencrypt),
             reencrypt_needs_repair: true,
+            recovery_token: false,
         }),
     ];
     let origins = [
@@ -269,4 +271,81 @@ fn every_state_has_a_plan_for_every_stage() {
             }
         }
     }
+}
+
+#[test]
+fn recovery_key_is_enrolled_before_the_wipe_or_once_the_key_is_final() {
+    let with = |device: DeviceFacts, origin, reencrypt: ReencryptPolicy| {
+        let mut f = facts(device, origin);
+        f.policy.recovery = true;
+        f.policy.reencrypt = reencrypt;
+        f
+    };
+    let token = |mut d: DeviceFacts| {
+        if let DeviceFacts::Luks2(l) = &mut d {
+            l.recovery_token = true;
+        }
+        d
+    };
+    let image = Some(VolumeKeyOrigin::Image);
+    let in_place = Some(VolumeKeyOrigin::InPlace);
+    let cases = [
+        // CI image kept (no re-encryption): escrow + keyslot before the image passphrase goes.
+        (
+            with(luks(true, &[31], None), image, ReencryptPolicy::Never),
+            Action::Run(Step::EnrollRecovery),
+        ),
+        (
+            with(
+                token(luks(true, &[31], None)),
+                image,
+                ReencryptPolicy::Never,
+            ),
+            Action::Run(Step::WipePassphrase),
+        ),
+        // CI image re-encrypted: the old key's keyslots die, so the recovery key comes after.
+        (
+            with(
+                luks(true, &[31], None),
+                image,
+                ReencryptPolicy::WhenFromImage,
+            ),
+            Action::Run(Step::WipePassphrase),
+        ),
+        (
+            with(
+                luks(true, &[], None),
+                Some(VolumeKeyOrigin::Reencrypted),
+                ReencryptPolicy::WhenFromImage,
+            ),
+            Action::Run(Step::EnrollRecovery),
+        ),
+        // In-place encryption: no passphrase keyslot; enrolled before the header backup.
+        (
+            with(
+                luks(true, &[], None),
+                in_place,
+                ReencryptPolicy::WhenFromImage,
+            ),
+            Action::Run(Step::EnrollRecovery),
+        ),
+        (
+            with(
+                token(luks(true, &[], None)),
+                in_place,
+                ReencryptPolicy::WhenFromImage,
+            ),
+            Action::Run(Step::BackupHeader),
+        ),
+    ];
+    let mut checked = 0;
+    for (f, want) in &cases {
+        assert_eq!(plan(f, Stage::All), *want, "{f:?}");
+        checked += 1;
+    }
+    // Off by default: the plan is the one without recovery.
+    let mut off = cases[0].0.clone();
+    off.policy.recovery = false;
+    assert_eq!(plan(&off, Stage::All), Action::Run(Step::WipePassphrase));
+    assert_eq!(checked, 6);
 }

@@ -15,6 +15,15 @@ pub mod proxy;
 pub const BIN: &str = env!("CARGO_BIN_EXE_cryptfs");
 pub const CI_PASSPHRASE: &str = "fiopassphrase";
 
+/// The failpoints of `enroll-recovery` (cut by tests/recovery.rs, which enables the recovery
+/// key; tests/crash_resume.rs counts them among the failpoints the source defines).
+pub const RECOVERY_BOUNDARIES: &[&str] = &[
+    "enroll-recovery:after-intent",
+    "enroll-recovery:after-escrow",
+    "enroll-recovery:after-keyslot",
+    "enroll-recovery:after-token",
+];
+
 /// A software TPM on a free loopback port, killed on drop.
 pub struct Swtpm {
     child: Child,

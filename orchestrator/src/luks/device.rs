@@ -80,6 +80,23 @@ pub fn add_keyslot(device: &Path, existing: &Passphrase, new: &Passphrase) -> cr
         .with_context(|| format!("cannot add a keyslot to {}", device.display()))
 }
 
+/// Adds keyslot `slot` for `new` (PBKDF2/sha512/1000, as systemd's recovery keyslots),
+/// unlocking the volume key with `existing`. Fails if `slot` is taken.
+pub fn add_keyslot_at(
+    device: &Path,
+    slot: u32,
+    existing: &Passphrase,
+    new: &Passphrase,
+) -> crate::Result<u32> {
+    let mut cd = open(device)?;
+    cd.settings_handle()
+        .set_pbkdf_type(&token_pbkdf())
+        .context("cannot select PBKDF2 for the new keyslot")?;
+    cd.keyslot_handle()
+        .add_by_passphrase(Some(slot), existing.expose(), new.expose())
+        .with_context(|| format!("cannot add keyslot {slot} to {}", device.display()))
+}
+
 /// Writes `token` as a new token; returns its id.
 pub fn add_token(device: &Path, token: &serde_json::Value) -> crate::Result<u32> {
     let mut cd = open(device)?;

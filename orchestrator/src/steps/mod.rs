@@ -9,6 +9,7 @@ pub mod backup;
 pub mod encrypt;
 pub mod enroll;
 pub mod grow;
+pub mod recovery;
 pub mod reencrypt;
 pub mod wipe;
 
@@ -47,6 +48,7 @@ pub fn run(step: Step, ctx: &mut StepContext<'_>, probe: &Probe) -> crate::Resul
     match step {
         Step::EncryptInPlace => encrypt::run(ctx, probe),
         Step::EnrollKek => enroll::run(ctx, luks2(probe)?),
+        Step::EnrollRecovery => recovery::run(ctx, luks2(probe)?),
         Step::WipePassphrase => wipe::run(ctx, luks2(probe)?),
         Step::InitReencrypt => reencrypt::init(ctx, luks2(probe)?),
         Step::Reencrypt => reencrypt::run(ctx, luks2(probe)?),
