@@ -783,6 +783,7 @@ fn tokens_never_panic_and_pcrs_are_bounded() {
         tcti: tpm.tcti(),
         pcrs: vec![7],
         pcr_bank: "sha256".into(),
+        ..Default::default()
     })
     .expect("protector");
     let (_, sealed) = protector.seal().expect("seal with swtpm");
@@ -864,6 +865,7 @@ fn unseal_uses_the_tokens_pcr_bank() {
         tcti: tpm.tcti(),
         pcrs: vec![7],
         pcr_bank: bank.into(),
+        ..Default::default()
     };
     let mut sealer = Tpm2Protector::new(&config("sha256")).expect("sha256");
     let (secret, sealed) = sealer.seal().expect("seal");
@@ -1460,6 +1462,7 @@ fn write_fuzz_corpus() {
         tcti: tpm.tcti(),
         pcrs: vec![7],
         pcr_bank: "sha256".into(),
+        ..Default::default()
     })
     .expect("protector");
     let (_, sealed) = protector.seal().expect("seal");

@@ -93,11 +93,35 @@ fn systemd_tpm2_plugin_unlocks_what_cryptfs_enrolls_and_refuses_after_pcr7_chang
     );
 }
 
+/// systemd 252's plugin recomputes the policy over `tpm2-pcrs` (7 and the lock PCR 15): it
+/// unlocks in the initramfs, before the boot-phase lock, and not after it.
+#[test]
+fn systemd_tpm2_plugin_unlocks_before_the_boot_phase_lock_and_not_after() {
+    let mut rig = Rig::new(Image::Plain, 128);
+    rig.tpm.extend_pcr7();
+    rig.run_stage("all");
+    let token = common::luks2(&rig.device).tokens[&0].json.clone();
+    assert_eq!(token["tpm2-pcrs"], serde_json::json!([7, 15]));
+    let before = systemd_tpm2_plugin_unlocks(&rig).expect("before the lock: unlocks");
+    assert_eq!(before, common::luks2(&rig.device).tokens[&0].keyslots[0]);
+    rig.run_stage("initramfs");
+    assert!(
+        systemd_tpm2_plugin_unlocks(&rig).is_err(),
+        "after the lock systemd's plugin must not unseal"
+    );
+    // Next boot (PCRs reset): unlocks again.
+    rig.reboot(true);
+    let again = systemd_tpm2_plugin_unlocks(&rig).expect("next boot: unlocks");
+    assert_eq!(again, before);
+}
+
 #[test]
 fn systemd_tpm2_plugin_unlocks_a_cryptfs_reencrypted_ci_image() {
-    let rig = Rig::new(Image::Ci, 128);
+    let mut rig = Rig::new(Image::Ci, 128);
     rig.run_stage("initramfs");
     rig.run_stage("userspace");
+    // The next boot: the initramfs stage's boot-phase lock held the TPM for the rest of this.
+    rig.reboot(false);
     systemd_tpm2_plugin_unlocks(&rig).expect("unlocks after re-encryption");
 }
 
@@ -233,7 +257,7 @@ fn opens(rig: &Rig, slot: u32, passphrase: &str) -> bool {
 /// afterwards the tokens are still there, naming no keyslot, and status shows exactly that.
 #[test]
 fn tokens_cryptfs_cannot_use_are_reported_and_never_deleted() {
-    let rig = Rig::new(Image::Ci, 128);
+    let mut rig = Rig::new(Image::Ci, 128);
     cryptenroll(
         &rig,
         &[
@@ -362,7 +386,8 @@ fn tokens_cryptfs_cannot_use_are_reported_and_never_deleted() {
             .all(|(_, slots)| *slots == serde_json::json!([])),
         "status reports the tokens as naming no keyslot: {reported:?}"
     );
-    // The device's own KEK still opens it.
+    // The device's own KEK still opens it (in the next boot: this one is past the lock).
+    rig.reboot(false);
     let unlock = rig.cryptfs(&["unlock", "--test"]);
     assert!(
         unlock.status.success(),

@@ -22,8 +22,9 @@ pub struct Unlocked {
     pub meta: Box<Luks2Metadata>,
 }
 
-/// Unseals the KEK of the configured device and unlocks its volume key.
-pub fn with_token(config: &Config) -> crate::Result<Unlocked> {
+/// Unseals the KEK of the configured device and unlocks its volume key. With `use_keyring`,
+/// a passphrase the initramfs handed on through the kernel keyring is used first.
+pub fn with_token(config: &Config, use_keyring: bool) -> crate::Result<Unlocked> {
     let mut kek = kek::from_config(config)?;
     let meta = match probe::probe(&config.device)?.content {
         Content::Luks2(meta) => meta,
@@ -31,8 +32,17 @@ pub fn with_token(config: &Config) -> crate::Result<Unlocked> {
     };
     let (token, slot, sealed) = usable_token(kek.as_ref(), &meta)
         .ok_or_else(|| anyhow!("no {} token this device can use", kek.token_type()))?;
-    let passphrase = kek.unseal(&sealed)?.keyslot_passphrase();
-    let keyslot = device::test_passphrase(&config.device, Some(slot), &passphrase)?;
+    let stashed = use_keyring
+        .then(|| crate::boot_lock::stashed(config, &meta))
+        .flatten();
+    let (keyslot, passphrase) = match stashed {
+        Some(found) => found,
+        None => {
+            let passphrase = unseal_naming_the_lock(config, kek.as_mut(), &sealed)?;
+            let keyslot = device::test_passphrase(&config.device, Some(slot), &passphrase)?;
+            (keyslot, passphrase)
+        }
+    };
     let volume_key = device::volume_key(&config.device, Some(keyslot), &passphrase)?;
     Ok(Unlocked {
         token,
@@ -54,12 +64,47 @@ pub enum Activation {
     },
 }
 
+/// Unseals `sealed`; a refusal after this boot's boot-phase lock says so.
+fn unseal_naming_the_lock(
+    config: &Config,
+    kek: &mut dyn kek::KekProtector,
+    sealed: &kek::SealedKek,
+) -> crate::Result<crate::secret::Passphrase> {
+    match kek.unseal(sealed) {
+        Ok(secret) => Ok(secret.keyslot_passphrase()),
+        Err(e)
+            if crate::boot_lock::enabled(config)
+                && crate::boot_lock::locked_this_boot(config).unwrap_or(false) =>
+        {
+            Err(e.context(format!(
+                "the boot-phase lock is in effect: PCR {} was extended when the initramfs was \
+                 done with the TPM, so nothing later in this boot can unseal the KEK (by \
+                 design; the next boot unseals it again)",
+                config.kek.tpm2.lock_pcr
+            )))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Activates the configured device as `/dev/mapper/<mapping_name>` with the KEK token, then
+/// (on every exit path, when configured) applies the boot-phase lock.
+pub fn activate(config: &Config) -> crate::Result<Activation> {
+    let result = activate_inner(config);
+    let locked = crate::boot_lock::finish_initramfs(config);
+    let activation = result?;
+    locked.map_err(|e| {
+        e.context("the boot-phase lock failed: the KEK stays unsealable in this boot")
+    })?;
+    Ok(activation)
+}
+
 /// Activates the configured device as `/dev/mapper/<mapping_name>` with the KEK token.
 ///
 /// Refuses a header in a re-encryption crash state: libcryptsetup would run its own recovery
 /// during activation, which is unsafe in the measured crash windows; `cryptfs run --stage
 /// initramfs` repairs it first.
-pub fn activate(config: &Config) -> crate::Result<Activation> {
+fn activate_inner(config: &Config) -> crate::Result<Activation> {
     let name = config.mapping_name.as_deref().ok_or_else(|| {
         anyhow!("no `mapping_name` in the configuration: nothing to activate the volume as")
     })?;
@@ -82,10 +127,16 @@ pub fn activate(config: &Config) -> crate::Result<Activation> {
     }
     let (_, slot, sealed) = usable_token(kek.as_ref(), &meta)
         .ok_or_else(|| anyhow!("no {} token this device can use", kek.token_type()))?;
-    let passphrase = kek.unseal(&sealed)?.keyslot_passphrase();
+    // The initramfs stage of this boot may have locked already, handing the passphrase on.
+    let passphrase = match crate::boot_lock::stashed(config, &meta) {
+        Some((_, passphrase)) => passphrase,
+        None => unseal_naming_the_lock(config, kek.as_mut(), &sealed)?,
+    };
     // With a re-encryption in flight the mapping needs both volume keys: the token's
     // passphrase opens the old key's keyslot and the new key's, so let libcryptsetup try all.
     let keyslot = meta.reencrypt_mode().is_none().then_some(slot);
     let keyslot = device::activate(&config.device, name, keyslot, &passphrase)?;
+    // Proved: it opened the device. Handed on to the userspace stage (boot-phase lock).
+    crate::boot_lock::stash(config, &meta, &passphrase);
     Ok(Activation::Activated { keyslot })
 }

@@ -95,6 +95,14 @@ impl Swtpm {
         );
     }
 
+    /// Restarts on the same state: the next boot (PCRs reset, seeds kept). The port changes.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let next = Swtpm::start_on(&self.state);
+        drop(std::mem::replace(self, next));
+    }
+
     pub fn stop(mut self) -> PathBuf {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -328,6 +336,29 @@ impl Rig {
             files,
             env: Vec::new(),
         }
+    }
+
+    /// The next boot: the swtpm restarted on its state (PCRs reset; PCR 7 given the non-zero
+    /// value of [`Swtpm::extend_pcr7`] again when `pcr7_extended`), the configuration pointed
+    /// at its new port, and this boot's kernel-keyring hand-off of the volume forgotten.
+    pub fn reboot(&mut self, pcr7_extended: bool) {
+        if let Ok(cryptfs::probe::Probe {
+            content: cryptfs::probe::Content::Luks2(meta),
+            ..
+        }) = cryptfs::probe::probe(&self.device)
+        {
+            cryptfs::keyring::forget(&cryptfs::boot_lock::key_description(&meta))
+                .expect("forget the keyring hand-off");
+        }
+        self.tpm.restart();
+        if pcr7_extended {
+            self.tpm.extend_pcr7();
+        }
+        std::fs::write(
+            &self.config,
+            config_text(&self.device, &self.boot, &self.tpm.tcti(), ""),
+        )
+        .expect("config");
     }
 
     pub fn cryptfs(&self, args: &[&str]) -> Output {

@@ -80,6 +80,14 @@ pub fn unlock_with_token(
     ctx: &mut StepContext<'_>,
     meta: &Luks2Metadata,
 ) -> crate::Result<(u32, Passphrase)> {
+    // After the boot-phase lock the TPM cannot unseal in this boot: the userspace stage takes
+    // the passphrase the initramfs handed on through the kernel keyring.
+    if ctx.stage == Stage::Userspace {
+        if let Some(found) = crate::boot_lock::stashed(ctx.config, meta) {
+            tracing::info!("KEK passphrase taken from the kernel keyring (boot-phase lock)");
+            return Ok(found);
+        }
+    }
     let (_, slot, sealed) = usable_token(ctx.kek, meta).ok_or_else(|| {
         anyhow!(
             "the volume has no {} token this device can use",
