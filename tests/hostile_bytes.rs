@@ -809,6 +809,13 @@ fn tokens_never_panic_and_pcrs_are_bounded() {
         ("tpm2-blob", json!("!!"), "not base64"),
         ("tpm2-blob", json!("AAAA"), "truncated tpm2-blob"),
         ("tpm2-blob", json!("A".repeat(1 << 20)), "too large"),
+        ("cryptfs-tpm2-primary-name", json!("zz"), "is not hex"),
+        ("cryptfs-tpm2-primary-name", json!(7), "not a TPM name"),
+        (
+            "cryptfs-tpm2-primary-name",
+            json!("00".repeat(1 << 16)),
+            "not a TPM name",
+        ),
     ] {
         let mut token = real.clone();
         token[field] = value;

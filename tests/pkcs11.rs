@@ -22,9 +22,10 @@ fn plain_image_with_a_pkcs11_kek_reaches_header_backed_up() {
     let secret = hsm.with(|| {
         let mut protector = cryptfs::kek::from_config(&config).expect("protector");
         let meta = common::luks2(&rig.device);
-        let (_, _, sealed) =
-            cryptfs::steps::usable_token(protector.as_ref(), &meta).expect("token");
-        let secret = protector.unseal(&sealed).expect("unseal");
+        let tokens = cryptfs::token_unlock::usable_tokens(protector.as_ref(), &meta);
+        let secret = protector
+            .unseal(&tokens.first().expect("token").sealed)
+            .expect("unseal");
         (
             secret.expose().to_vec(),
             secret.keyslot_passphrase().expose().to_vec(),
@@ -86,9 +87,10 @@ fn token_passphrase(rig: &Rig, hsm: &SoftHsm) -> String {
     hsm.with(|| {
         let mut protector = cryptfs::kek::from_config(&config).expect("protector");
         let meta = common::luks2(&rig.device);
-        let (_, _, sealed) =
-            cryptfs::steps::usable_token(protector.as_ref(), &meta).expect("token");
-        let secret = protector.unseal(&sealed).expect("unseal");
+        let tokens = cryptfs::token_unlock::usable_tokens(protector.as_ref(), &meta);
+        let secret = protector
+            .unseal(&tokens.first().expect("token").sealed)
+            .expect("unseal");
         String::from_utf8(secret.keyslot_passphrase().expose().to_vec()).expect("base64")
     })
 }

@@ -7,7 +7,7 @@ use std::process::Output;
 use common::{luks2, volume_key_with, Image, Rig, CI_PASSPHRASE};
 use cryptfs::kek;
 use cryptfs::probe::{self, Content};
-use cryptfs::steps::usable_token;
+use cryptfs::token_unlock::usable_tokens;
 
 /// Unseals the KEK of the rig's volume with the rig's swtpm: (raw secret, base64 passphrase).
 fn kek_secret(rig: &Rig) -> (Vec<u8>, Vec<u8>) {
@@ -17,9 +17,9 @@ fn kek_secret(rig: &Rig) -> (Vec<u8>, Vec<u8>) {
         Content::Luks2(m) => m,
         other => panic!("not LUKS2: {other:?}"),
     };
-    let (_, _, sealed) = usable_token(protector.as_ref(), &meta).expect("usable token");
+    let token = usable_tokens(protector.as_ref(), &meta);
     let secret = protector
-        .unseal(&sealed)
+        .unseal(&token.first().expect("usable token").sealed)
         .expect("the token unseals with the same swtpm");
     (
         secret.expose().to_vec(),

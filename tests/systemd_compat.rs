@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::ffi::CString;
-use std::os::raw::c_char;
 use std::process::Command;
 
 use common::{Image, Rig, SoftHsm, CI_PASSPHRASE, USER_PIN};
@@ -12,36 +10,9 @@ use libcryptsetup_rs::consts::flags::CryptActivate;
 use libcryptsetup_rs::consts::vals::EncryptionFormat;
 use libcryptsetup_rs::CryptInit;
 
-/// systemd 252's `struct systemd_tpm2_plugin_params` (src/cryptsetup/cryptsetup-tokens).
-#[repr(C)]
-struct Tpm2PluginParams {
-    search_pcr_mask: u32,
-    device: *const c_char,
-    signature_path: *const c_char,
-}
-
 /// Unlocks (test only, no activation) through systemd's own token plugin.
 fn systemd_tpm2_plugin_unlocks(rig: &Rig) -> Result<u32, String> {
-    let device = CString::new(format!("swtpm:port={}", rig.tpm.port)).expect("cstring");
-    let mut params = Tpm2PluginParams {
-        search_pcr_mask: u32::MAX,
-        device: device.as_ptr(),
-        signature_path: std::ptr::null(),
-    };
-    let mut cd = CryptInit::init(&rig.device).map_err(|e| e.to_string())?;
-    cd.context_handle()
-        .load::<()>(Some(EncryptionFormat::Luks2), None)
-        .map_err(|e| e.to_string())?;
-    // No PIN: systemd's plugin must get NULL (it checks `memchr(pin, 0, pin_size - 1)`).
-    let token = common::luks2(&rig.device)
-        .tokens
-        .iter()
-        .find(|(_, t)| t.kind == "systemd-tpm2")
-        .map(|(id, _)| *id)
-        .ok_or("no systemd-tpm2 token")?;
-    cd.token_handle()
-        .activate_by_token(None, Some(token), Some(&mut params), CryptActivate::empty())
-        .map_err(|e| e.to_string())
+    common::systemd_tpm2_plugin_unlocks(&rig.device, &format!("swtpm:port={}", rig.tpm.port))
 }
 
 fn systemd_pkcs11_plugin_unlocks(rig: &Rig, hsm: &SoftHsm) -> Result<u32, String> {
@@ -395,4 +366,57 @@ fn tokens_cryptfs_cannot_use_are_reported_and_never_deleted() {
         String::from_utf8_lossy(&unlock.stderr)
     );
     assert_eq!(rig.files_inside(), rig.files);
+}
+
+/// A volume with two `systemd-tpm2` tokens, as a reseal leaves it for a moment and
+/// `reseal --prepare` leaves it until the firmware update: the first token is sealed to a PCR 7
+/// value the machine no longer has, the second to today's. cryptfs tries every usable token, so
+/// the unlock succeeds with the second; when neither matches, the error names each refusal.
+#[test]
+fn unlock_tries_every_usable_token_and_names_each_refusal() {
+    let rig = Rig::new(Image::Ci, 128);
+    let tpm2 = [
+        format!("--tpm2-device=swtpm:port={}", rig.tpm.port),
+        "--tpm2-pcrs=7".to_string(),
+    ];
+    let tpm2: Vec<&str> = tpm2.iter().map(String::as_str).collect();
+    rig.tpm.extend_pcr7();
+    cryptenroll(&rig, &tpm2, &[]);
+    rig.tpm.extend_pcr7();
+    cryptenroll(&rig, &tpm2, &[]);
+    let meta = common::luks2(&rig.device);
+    let tpm2_tokens: Vec<u32> = meta
+        .tokens
+        .iter()
+        .filter(|(_, t)| t.kind == "systemd-tpm2")
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(tpm2_tokens.len(), 2, "two systemd-tpm2 tokens enrolled");
+    let (stale, current) = (tpm2_tokens[0], tpm2_tokens[1]);
+
+    let out = rig.cryptfs(&["unlock", "--test"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "unlock with the second token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("token {current} (systemd-tpm2)")),
+        "the token sealed to today's PCR 7 opened it: {stdout}"
+    );
+
+    rig.tpm.extend_pcr7();
+    let out = rig.cryptfs(&["unlock", "--test"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "no token matches a third PCR 7");
+    let named: Vec<u32> = [stale, current]
+        .into_iter()
+        .filter(|id| stderr.contains(&format!("token {id} (keyslot")))
+        .collect();
+    assert_eq!(named, [stale, current], "each refusal is named: {stderr}");
+    assert!(
+        stderr.contains("none of the 2 systemd-tpm2 tokens"),
+        "{stderr}"
+    );
 }

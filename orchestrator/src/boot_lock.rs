@@ -96,11 +96,15 @@ pub fn lock(config: &Config) -> crate::Result<LockOutcome> {
         .ok_or_else(|| anyhow!("TPM returned no value for PCR {pcr}"))?;
     // The journal makes the extend idempotent and keeps the pre-lock value for `reseal`. A
     // journal that cannot be opened does not stop the lock: it is the security property.
-    match Recorder::open(
-        &config.journal_path(),
-        "boot-phase-lock",
-        record::JOURNAL_WAIT,
-    ) {
+    // One that does not exist is not created here: a stage that failed before its first
+    // write (a missing device, say) leaves nothing behind.
+    let journal = config.journal_path();
+    let opened = if journal.exists() {
+        Recorder::open(&journal, "boot-phase-lock", record::JOURNAL_WAIT)
+    } else {
+        Err(anyhow!("{} does not exist yet", journal.display()))
+    };
+    match opened {
         Ok((mut rec, _)) => {
             if let Some((recorded_pcr, pre)) =
                 pre_lock_value(rec.journal().records(), rec.boot_id())
@@ -194,15 +198,13 @@ fn ensure_stashed(config: &Config) -> crate::Result<()> {
         return Ok(());
     }
     let mut kek = crate::kek::from_config(config)?;
-    let Some((_, _, sealed)) = crate::steps::usable_token(kek.as_ref(), &meta) else {
-        return Ok(());
-    };
-    if locked_this_boot(config).unwrap_or(false) {
+    if crate::token_unlock::usable_tokens(kek.as_ref(), &meta).is_empty()
+        || locked_this_boot(config).unwrap_or(false)
+    {
         return Ok(());
     }
-    let passphrase = kek.unseal(&sealed)?.keyslot_passphrase();
-    device::test_passphrase(&config.device, None, &passphrase)?;
-    stash(config, &meta, &passphrase);
+    let unlocked = crate::token_unlock::test_unlock_any(kek.as_mut(), &meta, &config.device)?;
+    stash(config, &meta, &unlocked.passphrase);
     Ok(())
 }
 

@@ -24,6 +24,7 @@ pub mod runner;
 pub mod secret;
 pub mod status;
 pub mod steps;
+pub mod token_unlock;
 pub mod unlock;
 
 /// Everything that can stop cryptfs, with the context a user needs to act on it.

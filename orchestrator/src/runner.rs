@@ -49,7 +49,7 @@ pub fn facts(
     let device = match &probe.content {
         Content::PlainExt4(_) => DeviceFacts::PlainExt4,
         Content::Luks2(meta) => DeviceFacts::Luks2(Luks2Facts {
-            kek_token: steps::usable_token(kek, meta).is_some(),
+            kek_token: !crate::token_unlock::usable_tokens(kek, meta).is_empty(),
             passphrase_keyslots: meta.passphrase_keyslots(),
             reencrypt: match meta.reencrypt_mode() {
                 Some("encrypt") => Some(ReencryptMode::Encrypt),

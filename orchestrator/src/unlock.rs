@@ -8,7 +8,7 @@ use crate::kek;
 use crate::luks::device;
 use crate::luks::metadata::Luks2Metadata;
 use crate::probe::{self, Content};
-use crate::steps::usable_token;
+use crate::token_unlock;
 
 /// What a token unlock proved.
 pub struct Unlocked {
@@ -30,22 +30,28 @@ pub fn with_token(config: &Config, use_keyring: bool) -> crate::Result<Unlocked>
         Content::Luks2(meta) => meta,
         _ => bail!("{} is not a LUKS2 volume", config.device.display()),
     };
-    let (token, slot, sealed) = usable_token(kek.as_ref(), &meta)
-        .ok_or_else(|| anyhow!("no {} token this device can use", kek.token_type()))?;
     let stashed = use_keyring
         .then(|| crate::boot_lock::stashed(config, &meta))
         .flatten();
-    let (keyslot, passphrase) = match stashed {
-        Some(found) => found,
-        None => {
-            let passphrase = unseal_naming_the_lock(config, kek.as_mut(), &sealed)?;
-            let keyslot = device::test_passphrase(&config.device, Some(slot), &passphrase)?;
-            (keyslot, passphrase)
-        }
+    let unlocked = match stashed {
+        Some((keyslot, passphrase)) => token_unlock::TokenUnlock {
+            // The token of the keyslot the handed-on passphrase opened.
+            token: token_unlock::usable_tokens(kek.as_ref(), &meta)
+                .iter()
+                .find(|t| t.keyslot == keyslot)
+                .map_or(0, |t| t.token),
+            keyslot,
+            passphrase,
+        },
+        None => token_unlock::unlock_any(kek.as_mut(), &meta, &config.device, |slot, p| {
+            device::test_passphrase(&config.device, Some(slot), p)
+        })
+        .map_err(|e| name_the_lock(config, e))?,
     };
-    let volume_key = device::volume_key(&config.device, Some(keyslot), &passphrase)?;
+    let keyslot = unlocked.keyslot;
+    let volume_key = device::volume_key(&config.device, Some(keyslot), &unlocked.passphrase)?;
     Ok(Unlocked {
-        token,
+        token: unlocked.token,
         keyslot,
         volume_key,
         meta,
@@ -64,26 +70,19 @@ pub enum Activation {
     },
 }
 
-/// Unseals `sealed`; a refusal after this boot's boot-phase lock says so.
-fn unseal_naming_the_lock(
-    config: &Config,
-    kek: &mut dyn kek::KekProtector,
-    sealed: &kek::SealedKek,
-) -> crate::Result<crate::secret::Passphrase> {
-    match kek.unseal(sealed) {
-        Ok(secret) => Ok(secret.keyslot_passphrase()),
-        Err(e)
-            if crate::boot_lock::enabled(config)
-                && crate::boot_lock::locked_this_boot(config).unwrap_or(false) =>
-        {
-            Err(e.context(format!(
-                "the boot-phase lock is in effect: PCR {} was extended when the initramfs was \
-                 done with the TPM, so nothing later in this boot can unseal the KEK (by \
-                 design; the next boot unseals it again)",
-                config.kek.tpm2.lock_pcr
-            )))
-        }
-        Err(e) => Err(e),
+/// A refused unlock after this boot's boot-phase lock says so.
+fn name_the_lock(config: &Config, e: anyhow::Error) -> anyhow::Error {
+    if crate::boot_lock::enabled(config)
+        && crate::boot_lock::locked_this_boot(config).unwrap_or(false)
+    {
+        e.context(format!(
+            "the boot-phase lock is in effect: PCR {} was extended when the initramfs was \
+             done with the TPM, so nothing later in this boot can unseal the KEK (by design; \
+             the next boot unseals it again)",
+            config.kek.tpm2.lock_pcr
+        ))
+    } else {
+        e
     }
 }
 
@@ -121,21 +120,34 @@ fn activate_inner(config: &Config) -> crate::Result<Activation> {
     };
     if meta.reencrypt_crashed() || crate::luks::finalize::all_data_on_final_key(&meta) {
         bail!(
-            "{} has an interrupted re-encryption that needs repair before activation; run              `cryptfs run --stage initramfs` first",
+            "{} has an interrupted re-encryption that needs repair before activation; run \
+             `cryptfs run --stage initramfs` first",
             config.device.display()
         );
     }
-    let (_, slot, sealed) = usable_token(kek.as_ref(), &meta)
-        .ok_or_else(|| anyhow!("no {} token this device can use", kek.token_type()))?;
-    // The initramfs stage of this boot may have locked already, handing the passphrase on.
-    let passphrase = match crate::boot_lock::stashed(config, &meta) {
-        Some((_, passphrase)) => passphrase,
-        None => unseal_naming_the_lock(config, kek.as_mut(), &sealed)?,
-    };
     // With a re-encryption in flight the mapping needs both volume keys: the token's
     // passphrase opens the old key's keyslot and the new key's, so let libcryptsetup try all.
-    let keyslot = meta.reencrypt_mode().is_none().then_some(slot);
-    let keyslot = device::activate(&config.device, name, keyslot, &passphrase)?;
+    let in_flight = meta.reencrypt_mode().is_some();
+    // The initramfs stage of this boot may have locked already, handing the passphrase on.
+    let (keyslot, passphrase) = match crate::boot_lock::stashed(config, &meta) {
+        Some((slot, passphrase)) => (
+            device::activate(
+                &config.device,
+                name,
+                (!in_flight).then_some(slot),
+                &passphrase,
+            )?,
+            passphrase,
+        ),
+        None => {
+            let unlocked =
+                token_unlock::unlock_any(kek.as_mut(), &meta, &config.device, |slot, p| {
+                    device::activate(&config.device, name, (!in_flight).then_some(slot), p)
+                })
+                .map_err(|e| name_the_lock(config, e))?;
+            (unlocked.keyslot, unlocked.passphrase)
+        }
+    };
     // Proved: it opened the device. Handed on to the userspace stage (boot-phase lock).
     crate::boot_lock::stash(config, &meta, &passphrase);
     Ok(Activation::Activated { keyslot })

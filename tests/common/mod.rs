@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore, SeedableRng};
 
+pub mod proxy;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_cryptfs");
 pub const CI_PASSPHRASE: &str = "fiopassphrase";
 
@@ -20,7 +22,7 @@ pub struct Swtpm {
     pub state: PathBuf,
 }
 
-fn free_port_pair() -> u16 {
+pub fn free_port_pair() -> u16 {
     loop {
         let a = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = a.local_addr().expect("addr").port();
@@ -78,16 +80,18 @@ impl Swtpm {
         format!("swtpm:host=127.0.0.1,port={}", self.port)
     }
 
+    /// Runs a tpm2-tools command (`args[0]`) against this TPM.
+    pub fn tool(&self, args: &[&str]) -> Output {
+        Command::new(args[0])
+            .env("TPM2TOOLS_TCTI", self.tcti())
+            .args(&args[1..])
+            .output()
+            .expect("tpm2-tools must be installed")
+    }
+
     /// Extends PCR 7 (a secure-boot state change).
     pub fn extend_pcr7(&self) {
-        let out = Command::new("tpm2_pcrextend")
-            .env(
-                "TPM2TOOLS_TCTI",
-                format!("swtpm:host=127.0.0.1,port={}", self.port),
-            )
-            .arg(format!("7:sha256={}", "ab".repeat(32)))
-            .output()
-            .expect("tpm2-tools must be installed");
+        let out = self.tool(&["tpm2_pcrextend", &format!("7:sha256={}", "ab".repeat(32))]);
         assert!(
             out.status.success(),
             "{}",
@@ -101,6 +105,22 @@ impl Swtpm {
         let _ = self.child.wait();
         let next = Swtpm::start_on(&self.state);
         drop(std::mem::replace(self, next));
+    }
+
+    /// The swtpm's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A power cut: SIGKILL (no TPM2_Shutdown, nothing flushed beyond what swtpm already
+    /// wrote). True when swtpm died of SIGKILL (this one, or a cutting proxy's).
+    pub fn power_cut(&mut self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        // Already killed (by a cutting proxy) or not: the exit status says whether SIGKILL did it.
+        let _ = self.child.kill();
+        self.child
+            .wait()
+            .is_ok_and(|s| s.signal() == Some(libc::SIGKILL))
     }
 
     pub fn stop(mut self) -> PathBuf {
@@ -428,6 +448,15 @@ impl Rig {
         files
     }
 
+    /// Rewrites the configuration with the TPM at `tcti` (another swtpm, a proxy).
+    pub fn point_tpm_at(&self, tcti: &str) {
+        std::fs::write(
+            &self.config,
+            config_text(&self.device, &self.boot, tcti, ""),
+        )
+        .expect("config");
+    }
+
     pub fn config(&self) -> cryptfs::config::Config {
         cryptfs::config::Config::load(&self.config).expect("config")
     }
@@ -743,4 +772,39 @@ pub fn write_result(name: &str, text: &str) {
 /// True when the run is CI's (`CI=true`): there a skipped check is a failed check.
 pub fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// systemd 252's `struct systemd_tpm2_plugin_params` (src/cryptsetup/cryptsetup-tokens).
+#[repr(C)]
+struct Tpm2PluginParams {
+    search_pcr_mask: u32,
+    device: *const std::os::raw::c_char,
+    signature_path: *const std::os::raw::c_char,
+}
+
+/// Unlocks `device` (test only, no activation) through systemd's own TPM2 token plugin, with
+/// the TPM at `tpm_device` (systemd's TCTI syntax, e.g. `swtpm:port=P`). Returns the keyslot.
+pub fn systemd_tpm2_plugin_unlocks(device: &Path, tpm_device: &str) -> Result<u32, String> {
+    use libcryptsetup_rs::consts::flags::CryptActivate;
+    use libcryptsetup_rs::consts::vals::EncryptionFormat;
+    let tpm_device = std::ffi::CString::new(tpm_device).expect("cstring");
+    let mut params = Tpm2PluginParams {
+        search_pcr_mask: u32::MAX,
+        device: tpm_device.as_ptr(),
+        signature_path: std::ptr::null(),
+    };
+    let mut cd = libcryptsetup_rs::CryptInit::init(device).map_err(|e| e.to_string())?;
+    cd.context_handle()
+        .load::<()>(Some(EncryptionFormat::Luks2), None)
+        .map_err(|e| e.to_string())?;
+    // No PIN: systemd's plugin must get NULL (it checks `memchr(pin, 0, pin_size - 1)`).
+    let token = luks2(device)
+        .tokens
+        .iter()
+        .find(|(_, t)| t.kind == "systemd-tpm2")
+        .map(|(id, _)| *id)
+        .ok_or("no systemd-tpm2 token")?;
+    cd.token_handle()
+        .activate_by_token(None, Some(token), Some(&mut params), CryptActivate::empty())
+        .map_err(|e| e.to_string())
 }

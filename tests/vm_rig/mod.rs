@@ -361,15 +361,39 @@ fn build_initramfs(kernel_root: &Path, version: &str, out: &Path) {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// Where `cargo xtask deps` unpacks QEMU when apt could install it only by removing one of the
+/// machine's packages (xtask/src/qemu.rs).
+const PRIVATE_QEMU: &str = "/opt/cryptfs-xtask/qemu";
+
+/// The QEMU to run: the installed package's, else the private copy with its module and
+/// firmware directories named (its compiled-in paths are the package's).
+pub fn qemu_command() -> Command {
+    let installed = Path::new("/usr/bin/qemu-system-x86_64");
+    if installed.exists() {
+        return Command::new(installed);
+    }
+    let private = Path::new(PRIVATE_QEMU).join("usr/bin/qemu-system-x86_64");
+    assert!(
+        private.exists(),
+        "qemu-system-x86_64 missing (neither {} nor {}): run `cargo xtask deps`",
+        installed.display(),
+        private.display()
+    );
+    let mut qemu = Command::new(private);
+    qemu.env(
+        "QEMU_MODULE_DIR",
+        Path::new(PRIVATE_QEMU).join("usr/lib/x86_64-linux-gnu/qemu"),
+    )
+    .args(["-L", "/usr/share/qemu", "-L", "/usr/share/seabios"]);
+    qemu
+}
+
 /// Kernel and initramfs, made once per test binary.
 pub fn assets() -> &'static Assets {
     static ASSETS: OnceLock<Assets> = OnceLock::new();
     ASSETS.get_or_init(|| {
         let started = Instant::now();
-        assert!(
-            Path::new("/usr/bin/qemu-system-x86_64").exists(),
-            "qemu-system-x86_64 missing: run `cargo xtask deps`"
-        );
+        qemu_command();
         let (kernel, kernel_root, version) = kernel();
         // Initramfs images of earlier runs (named by process id) are stale.
         if let Ok(entries) = std::fs::read_dir(asset_dir()) {
@@ -775,7 +799,7 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
         ]);
     }
     let mut qemu = KillOnDrop(
-        Command::new("qemu-system-x86_64")
+        qemu_command()
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

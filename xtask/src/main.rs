@@ -11,6 +11,7 @@
 
 mod bench;
 mod demo;
+mod qemu;
 mod sh;
 
 use anyhow::{bail, Result};
@@ -73,7 +74,7 @@ fn main() -> Result<()> {
 /// installed and the packages apt wanted to remove are named. The real install then runs with
 /// `--no-remove` as well (apt-get aborts rather than remove).
 fn deps() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    let mut missing: Vec<String> = PACKAGES
         .iter()
         .copied()
         .filter(|p| {
@@ -83,6 +84,9 @@ fn deps() -> Result<()> {
                 "install ok installed",
             )
         })
+        // A private QEMU unpacked by an earlier run stands in for the package.
+        .filter(|p| *p != QEMU_PACKAGE || !qemu::private_present())
+        .map(String::from)
         .collect();
     if missing.is_empty() {
         println!("xtask: all {} packages present", PACKAGES.len());
@@ -91,12 +95,34 @@ fn deps() -> Result<()> {
     println!("xtask: installing {}", missing.join(" "));
     let env = [("DEBIAN_FRONTEND", "noninteractive")];
     sh::run_env("apt-get", &["update", "-qq"], &env)?;
-    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    install.extend(missing.iter().copied());
-    let mut simulate = vec!["-s"];
-    simulate.extend(install.iter().copied());
-    let plan = sh::output("apt-get", &simulate)?;
-    let removals = apt_removals(&plan);
+    let mut removals = apt_removals(&simulate_install(&missing)?);
+    let mut private_qemu = None;
+    if !removals.is_empty() && missing.iter().any(|p| p == QEMU_PACKAGE) {
+        // The usual culprit: the machine's qemu-utils from another release. QEMU is only a
+        // program the VM rig runs, so it need not be installed to be used.
+        let (downloaded, qemu_deps) = qemu::download()?;
+        let mut without_qemu: Vec<String> = missing
+            .iter()
+            .filter(|p| *p != QEMU_PACKAGE)
+            .cloned()
+            .chain(qemu::DATA_PACKAGES.iter().map(|p| p.to_string()))
+            .chain(qemu_deps)
+            .collect();
+        without_qemu.sort();
+        without_qemu.dedup();
+        let without_removals = apt_removals(&simulate_install(&without_qemu)?);
+        if without_removals.is_empty() {
+            println!(
+                "xtask: installing {QEMU_PACKAGE} would make apt-get remove {}; QEMU is \
+                 unpacked privately under {} instead",
+                removals.join(" "),
+                qemu::PRIVATE_ROOT
+            );
+            missing = without_qemu;
+            private_qemu = Some(downloaded);
+        }
+        removals = without_removals;
+    }
     if !removals.is_empty() {
         bail!(
             "installing {} would make apt-get remove {}, which this machine has; xtask never \
@@ -106,8 +132,29 @@ fn deps() -> Result<()> {
             removals.join(" ")
         );
     }
-    install.insert(1, "--no-remove");
-    sh::run_env("apt-get", &install, &env)
+    let mut install = vec![
+        "install",
+        "--no-remove",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+    ];
+    install.extend(missing.iter().map(String::as_str));
+    sh::run_env("apt-get", &install, &env)?;
+    if let Some(downloaded) = private_qemu {
+        qemu::unpack(downloaded.path())?;
+    }
+    Ok(())
+}
+
+/// The package the VM rig's QEMU comes from.
+const QEMU_PACKAGE: &str = "qemu-system-x86";
+
+/// apt-get's plan (`-s`) for installing `packages`.
+fn simulate_install(packages: &[String]) -> Result<String> {
+    let mut simulate = vec!["-s", "install", "-y", "--no-install-recommends"];
+    simulate.extend(packages.iter().map(String::as_str));
+    sh::output("apt-get", &simulate)
 }
 
 /// The packages an `apt-get -s` plan removes (its `Remv <package> [<version>]` lines).

@@ -10,17 +10,18 @@ use anyhow::{anyhow, bail, Context as _};
 use base64::Engine;
 use rand::RngCore;
 use serde_json::{Map, Value};
-use tss_esapi::attributes::ObjectAttributesBuilder;
-use tss_esapi::constants::SessionType;
+use tss_esapi::attributes::{ObjectAttributesBuilder, SessionAttributesBuilder};
+use tss_esapi::constants::response_code::Tss2ResponseCodeKind;
+use tss_esapi::constants::{CapabilityType, PropertyTag, SessionType, StartupType};
 use tss_esapi::handles::{KeyHandle, ObjectHandle, SessionHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Digest, EccPoint, KeyedHashScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Private,
-    Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData,
-    SymmetricDefinition, SymmetricDefinitionObject,
+    CapabilityData, Digest, EccPoint, KeyedHashScheme, PcrSelectionList, PcrSelectionListBuilder,
+    PcrSlot, Private, Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters,
+    SensitiveData, SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
@@ -34,6 +35,9 @@ use crate::secret::Secret;
 pub const TOKEN_TYPE: &str = "systemd-tpm2";
 /// Bytes of secret sealed (systemd's choice).
 const SECRET_BYTES: usize = 32;
+/// Token field pinning the storage primary: lowercase hex of its TPM name (nameAlg || digest of
+/// its public area). systemd ignores fields it does not know (design/README.md, TPM bus).
+pub const PRIMARY_NAME_FIELD: &str = "cryptfs-tpm2-primary-name";
 
 /// TPM 2.0 protector configured with a TCTI and a PCR policy.
 pub struct Tpm2Protector {
@@ -129,6 +133,9 @@ pub struct Tpm2Token {
     pub bank: HashingAlgorithm,
     /// The bank's name as in the token.
     pub bank_name: String,
+    /// The storage primary's TPM name recorded at enrollment ([`PRIMARY_NAME_FIELD`]); `None`
+    /// for tokens of systemd-cryptenroll or older cryptfs (trusted on first use).
+    pub primary_name: Option<Vec<u8>>,
 }
 
 /// The largest `tpm2-blob` accepted: two TPM2B structures of at most 64 KiB each.
@@ -179,11 +186,24 @@ impl Tpm2Token {
             Some(_) => bail!("tpm2-pcr-bank of the systemd-tpm2 token is not a string"),
         };
         let bank = bank_from_name(&bank_name).context("systemd-tpm2 token")?;
+        let primary_name = match fields.get(PRIMARY_NAME_FIELD) {
+            None => None,
+            // A TPM name is a 2-byte algorithm then a digest: at most 2 + 64 bytes.
+            Some(Value::String(text)) if text.len() <= 2 * 66 => {
+                Some(hex::decode(text).map_err(|_| {
+                    anyhow!("{PRIMARY_NAME_FIELD} of the systemd-tpm2 token is not hex")
+                })?)
+            }
+            Some(_) => {
+                bail!("{PRIMARY_NAME_FIELD} of the systemd-tpm2 token is not a TPM name in hex")
+            }
+        };
         Ok(Tpm2Token {
             blob,
             pcrs,
             bank,
             bank_name,
+            primary_name,
         })
     }
 }
@@ -228,25 +248,49 @@ impl Flush {
     }
 }
 
-fn create_primary(ctx: &mut Context, flush: &mut Flush) -> crate::Result<KeyHandle> {
+/// The storage primary and its TPM name. ESAPI computes the name from the public area the TPM
+/// returned and checks it against the name the TPM returned with it, so the name identifies the
+/// very key the salt of every later session is encrypted to (the pin, [`PRIMARY_NAME_FIELD`]).
+fn create_primary(ctx: &mut Context, flush: &mut Flush) -> crate::Result<(KeyHandle, Vec<u8>)> {
     let template = primary_template()?;
+    // CreatePrimary is authorized by the owner hierarchy, which is exempt from DA protection.
     let primary = ctx
         .execute_with_nullauth_session(|ctx| {
             ctx.create_primary(Hierarchy::Owner, template, None, None, None, None)
         })
         .context("TPM could not create the storage primary key")?;
     flush.0.push(primary.key_handle.into());
-    Ok(primary.key_handle)
+    let name = ctx
+        .tr_get_name(primary.key_handle.into())
+        .context("TPM: no name for the storage primary key")?;
+    Ok((primary.key_handle, name.value().to_vec()))
 }
 
+/// Whether sessions are salted and encrypt their parameters. Only a test build can turn it off,
+/// to show that the bus test sees the secret when they are not (tests/tpm_bus.rs).
+fn protect_bus() -> bool {
+    #[cfg(feature = "test-hooks")]
+    if std::env::var_os("CRYPTFS_TEST_TPM_CLEARTEXT_SESSIONS").is_some() {
+        return false;
+    }
+    true
+}
+
+/// A session of `kind`, salted with `salt_key` (the storage primary) when one is given: the
+/// session key then derives from a salt only that key's TPM can decrypt, so an interposer on
+/// the bus cannot compute it. `encrypt`/`decrypt` turn on parameter encryption of the first
+/// response/command parameter (the unsealed data; the sealed object's sensitive part).
 fn start_session(
     ctx: &mut Context,
     kind: SessionType,
+    salt_key: Option<KeyHandle>,
+    (decrypt, encrypt): (bool, bool),
     flush: &mut Flush,
-) -> crate::Result<(AuthSession, PolicySession)> {
+) -> crate::Result<AuthSession> {
+    let salt_key = salt_key.filter(|_| protect_bus());
     let session = ctx
         .start_auth_session(
-            None,
+            salt_key,
             None,
             None,
             kind,
@@ -255,8 +299,16 @@ fn start_session(
         )?
         .ok_or_else(|| anyhow!("TPM returned no session handle"))?;
     flush.0.push(SessionHandle::from(session).into());
-    let policy = PolicySession::try_from(session)?;
-    Ok((session, policy))
+    if salt_key.is_some() && (decrypt || encrypt) {
+        let (attributes, mask) = SessionAttributesBuilder::new()
+            .with_continue_session(true)
+            .with_decrypt(decrypt)
+            .with_encrypt(encrypt)
+            .build();
+        ctx.tr_sess_set_attributes(session, attributes, mask)
+            .context("TPM session: parameter encryption not accepted")?;
+    }
+    Ok(session)
 }
 
 /// TPM2B framing: a big-endian u16 size, then the bytes.
@@ -278,21 +330,98 @@ fn split_tpm2b(bytes: &[u8]) -> crate::Result<(&[u8], &[u8])> {
     Ok((&bytes[2..2 + len], &bytes[2 + len..]))
 }
 
+/// The DA lockout error, with the TPM's own counter, limit and recovery times and how to clear
+/// it. Read after the TPM answered TPM_RC_LOCKOUT; reading properties needs no authorization.
+fn lockout_error(ctx: &mut Context, what: &str) -> anyhow::Error {
+    let mut props = |tag: PropertyTag| -> Option<u32> {
+        match ctx.get_capability(CapabilityType::TpmProperties, tag.into(), 1) {
+            Ok((CapabilityData::TpmProperties(list), _)) => list.find(tag).map(|p| p.value()),
+            _ => None,
+        }
+    };
+    let show = |v: Option<u32>| v.map_or_else(|| "unknown".to_string(), |v| v.to_string());
+    let counter = show(props(PropertyTag::LockoutCounter));
+    let max = show(props(PropertyTag::MaxAuthFail));
+    let interval = show(props(PropertyTag::LockoutInterval));
+    let recovery = show(props(PropertyTag::LockoutRecovery));
+    anyhow!(
+        "the TPM is in dictionary-attack (DA) lockout and refused to {what}: failed \
+         authorizations counted {counter} of at most {max} (cryptfs' own use never counts: \
+         the failures are someone else's, e.g. wrong PINs, or power cuts while a DA-protected \
+         key was in use). It recovers by itself: one failure is forgotten every {interval} s of \
+         TPM uptime; or clear it at once with the lockout authorization: \
+         `tpm2_dictionarylockout --clear-lockout` (lockout-auth recovery time {recovery} s)"
+    )
+}
+
+fn is_lockout(e: &tss_esapi::Error) -> bool {
+    matches!(e, tss_esapi::Error::Tss2Error(rc) if rc.kind() == Some(Tss2ResponseCodeKind::Lockout))
+}
+
+/// Ends the TPM's "DA-protected authorization used" state after cryptfs' last command.
+///
+/// systemd 252's storage primary has no `noDA` attribute and its template cannot change (the
+/// primary is re-created from it; another template is another key, and systemd 252 could not
+/// load the sealed object any more). Every TPM2_Create and TPM2_Load under it authorizes it,
+/// and a TPM (libtpms `CheckLockedOut`, the reference code) then records "DA used" in NV;
+/// at the next TPM2_Startup after a power cut it counts one failed try, so three power cuts
+/// during boot lock a TPM with default limits out. TPM2_Shutdown(CLEAR) clears that state
+/// (`TPM2_Shutdown` resets `g_daUsed`) without touching anything else a running system
+/// needs: PCRs, sessions, objects stay; any later DA-protected use sets it again, so no one
+/// else's failed authorization escapes counting. Called right after the one command that
+/// authorizes the primary (TPM2_Create, TPM2_Load): what remains is the window between that
+/// command and this one.
+fn end_da_use(ctx: &mut Context) {
+    if let Err(e) = ctx.shutdown(StartupType::Clear) {
+        tracing::warn!(
+            "TPM2_Shutdown(CLEAR) after use failed ({e}): a power cut before the next orderly \
+             shutdown counts as a failed authorization against the TPM's DA limit"
+        );
+    }
+}
+
+/// Runs `command`, the one command that authorizes the DA-protected primary (in `session`),
+/// then ends the "DA used" state at once, succeeded or not (the authorization is checked
+/// before the command runs). A lockout answer becomes the lockout report; any other error
+/// goes through `other`.
+fn authorizing_primary<T>(
+    ctx: &mut Context,
+    session: AuthSession,
+    what: &str,
+    command: impl FnOnce(&mut Context) -> tss_esapi::Result<T>,
+    other: impl FnOnce(tss_esapi::Error) -> anyhow::Error,
+) -> crate::Result<T> {
+    let result = ctx.execute_with_session(Some(session), command);
+    end_da_use(ctx);
+    result.map_err(|e| {
+        if is_lockout(&e) {
+            lockout_error(ctx, what)
+        } else {
+            other(e)
+        }
+    })
+}
+
 impl Tpm2Protector {
     fn seal_inner(
         &self,
         ctx: &mut Context,
         flush: &mut Flush,
         secret: &[u8],
-    ) -> crate::Result<(Vec<u8>, Digest)> {
-        let primary = create_primary(ctx, flush)?;
+    ) -> crate::Result<(Vec<u8>, Digest, Vec<u8>)> {
+        let (primary, primary_name) = create_primary(ctx, flush)?;
         let selection = self.selection(&self.pcrs)?;
-        let (_, trial) = start_session(ctx, SessionType::Trial, flush)?;
+        let trial = start_session(ctx, SessionType::Trial, None, (false, false), flush)?;
+        let trial = PolicySession::try_from(trial)?;
         ctx.policy_pcr(trial, Digest::default(), selection)?;
         let policy = ctx.policy_get_digest(trial)?;
+        // noDA as systemd >= 256: the object's policy needs no authValue, so it is never
+        // DA-checked; the flag says so to every TPM and tool. systemd 252 unseals it
+        // (tests/systemd_compat.rs).
         let attributes = ObjectAttributesBuilder::new()
             .with_fixed_tpm(true)
             .with_fixed_parent(true)
+            .with_no_da(true)
             .build()?;
         let template = PublicBuilder::new()
             .with_public_algorithm(PublicAlgorithm::KeyedHash)
@@ -303,14 +432,19 @@ impl Tpm2Protector {
             .with_keyed_hash_unique_identifier(Digest::default())
             .build()?;
         let sensitive = SensitiveData::try_from(secret.to_vec())?;
-        let created = ctx
-            .execute_with_nullauth_session(|ctx| {
-                ctx.create(primary, template, None, Some(sensitive), None, None)
-            })
-            .context("TPM could not seal the KEK secret")?;
+        // The secret travels in TPM2_Create's first parameter (inSensitive): the session
+        // authorizing the primary is salted with it and encrypts that parameter.
+        let session = start_session(ctx, SessionType::Hmac, Some(primary), (true, false), flush)?;
+        let created = authorizing_primary(
+            ctx,
+            session,
+            "seal the KEK secret",
+            |ctx| ctx.create(primary, template, None, Some(sensitive), None, None),
+            |e| anyhow!("TPM could not seal the KEK secret: {e}"),
+        )?;
         let mut blob = tpm2b(created.out_private.value())?;
         blob.extend(tpm2b(&created.out_public.marshall()?)?);
-        Ok((blob, policy))
+        Ok((blob, policy, primary_name))
     }
 
     fn unseal_inner(
@@ -324,28 +458,45 @@ impl Tpm2Protector {
         let (public, _) = split_tpm2b(rest)?;
         let private = Private::try_from(private.to_vec())?;
         let public = Public::unmarshall(public)?;
-        let primary = create_primary(ctx, flush)?;
-        let object = ctx
-            .execute_with_nullauth_session(|ctx| ctx.load(primary, private, public))
-            .map_err(|e| {
-                let text = e.to_string();
-                if text.contains("lockout") {
-                    // systemd's storage primary is DA-protected: failed authorizations and
-                    // power cuts while it was in use count against it.
-                    anyhow!(
-                        "the TPM is in dictionary-attack lockout ({text}): too many failed \
-                         authorizations or power cuts while the KEK was in use; it clears by \
-                         itself after the TPM's lockout recovery time, or at once with the \
-                         lockout authorization (`tpm2_dictionarylockout --clear-lockout`)"
-                    )
-                } else {
-                    anyhow!("TPM refused to load the sealed KEK (made by another TPM?): {text}")
-                }
-            })?;
+        let (primary, primary_name) = create_primary(ctx, flush)?;
+        // Before any command that carries the secret: the key the sessions are salted with
+        // must be the one enrollment saw, or an interposer could have answered with its own.
+        match &token.primary_name {
+            Some(pinned) if *pinned != primary_name => bail!(
+                "the TPM's storage primary key differs from the one the KEK was sealed under \
+                 (name {} at enrollment, {} now): another TPM, a cleared owner hierarchy, or \
+                 something between cryptfs and the TPM; nothing secret was sent",
+                hex::encode(pinned),
+                hex::encode(&primary_name)
+            ),
+            Some(_) => {}
+            None => tracing::info!(
+                "systemd-tpm2 token has no {PRIMARY_NAME_FIELD}: trusting this TPM's storage \
+                 primary on first use"
+            ),
+        }
+        let session = start_session(ctx, SessionType::Hmac, Some(primary), (false, false), flush)?;
+        // TPM2_Unseal's pure PolicyPCR session is never DA-checked: the "DA used" state ends
+        // before it.
+        let object = authorizing_primary(
+            ctx,
+            session,
+            "load the sealed KEK",
+            |ctx| ctx.load(primary, private, public),
+            |e| anyhow!("TPM refused to load the sealed KEK (made by another TPM?): {e}"),
+        )?;
         flush.0.push(object.into());
-        // The policy is recomputed over the token's bank: the one it was sealed with.
+        // The policy is recomputed over the token's bank: the one it was sealed with. The
+        // policy session is salted and encrypts TPM2_Unseal's response (the secret).
         let selection = selection(token.bank, pcrs)?;
-        let (session, policy) = start_session(ctx, SessionType::Policy, flush)?;
+        let session = start_session(
+            ctx,
+            SessionType::Policy,
+            Some(primary),
+            (false, true),
+            flush,
+        )?;
+        let policy = PolicySession::try_from(session)?;
         ctx.policy_pcr(policy, Digest::default(), selection)?;
         let data = ctx
             .execute_with_session(Some(session), |ctx| ctx.unseal(object.into()))
@@ -386,7 +537,7 @@ impl KekProtector for Tpm2Protector {
         let mut flush = Flush::default();
         let sealed = self.seal_inner(&mut ctx, &mut flush, secret.expose());
         flush.all(&mut ctx);
-        let (blob, policy) = sealed?;
+        let (blob, policy, primary_name) = sealed?;
         let mut fields = Map::new();
         fields.insert(
             "tpm2-blob".into(),
@@ -403,6 +554,10 @@ impl KekProtector for Tpm2Protector {
             Value::from(hex::encode(policy.value())),
         );
         fields.insert("tpm2-pin".into(), Value::from(false));
+        fields.insert(
+            PRIMARY_NAME_FIELD.into(),
+            Value::from(hex::encode(primary_name)),
+        );
         tracing::info!(pcrs = %self.pcr_names(), "KEK secret sealed by the TPM");
         Ok((secret, SealedKek { fields }))
     }
@@ -482,7 +637,14 @@ impl Tpm2Protector {
         let mut ctx = self.context()?;
         let mut flush = Flush::default();
         let result = (|| {
-            let (_, trial) = start_session(&mut ctx, SessionType::Trial, &mut flush)?;
+            let trial = start_session(
+                &mut ctx,
+                SessionType::Trial,
+                None,
+                (false, false),
+                &mut flush,
+            )?;
+            let trial = PolicySession::try_from(trial)?;
             ctx.policy_pcr(trial, Digest::default(), selection(bank, pcrs)?)?;
             Ok(ctx.policy_get_digest(trial)?.value().to_vec())
         })();

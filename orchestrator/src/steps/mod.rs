@@ -15,16 +15,16 @@ pub mod wipe;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail};
+use anyhow::bail;
 use cryptfs_states::{ProvisioningState, Stage, Step};
 
 use crate::config::Config;
-use crate::kek::{KekProtector, SealedKek};
-use crate::luks::device;
+use crate::kek::KekProtector;
 use crate::luks::metadata::Luks2Metadata;
 use crate::probe::{Content, Probe};
 use crate::record::Recorder;
 use crate::secret::Passphrase;
+use crate::token_unlock;
 
 /// What a step works with.
 pub struct StepContext<'a> {
@@ -63,19 +63,8 @@ fn luks2(probe: &Probe) -> crate::Result<&Luks2Metadata> {
     }
 }
 
-/// The KEK token this protector can use, as (token id, keyslot, sealed form).
-pub fn usable_token(kek: &dyn KekProtector, meta: &Luks2Metadata) -> Option<(u32, u32, SealedKek)> {
-    meta.tokens.iter().find_map(|(id, token)| {
-        let slot = *token.keyslots.first()?;
-        if kek.can_use(&token.json) && meta.keyslots.contains_key(&slot) {
-            Some((*id, slot, SealedKek::from_token(&token.json)?))
-        } else {
-            None
-        }
-    })
-}
-
-/// Unseals the KEK of the volume and proves it opens its keyslot; returns (keyslot, passphrase).
+/// Unseals the KEK of the volume with the first of its tokens that works and proves it opens
+/// a keyslot; returns (keyslot, passphrase).
 pub fn unlock_with_token(
     ctx: &mut StepContext<'_>,
     meta: &Luks2Metadata,
@@ -88,22 +77,6 @@ pub fn unlock_with_token(
             return Ok(found);
         }
     }
-    let (_, slot, sealed) = usable_token(ctx.kek, meta).ok_or_else(|| {
-        anyhow!(
-            "the volume has no {} token this device can use",
-            ctx.kek.token_type()
-        )
-    })?;
-    let secret = ctx.kek.unseal(&sealed)?;
-    let passphrase = secret.keyslot_passphrase();
-    let opened = device::test_passphrase(&ctx.config.device, None, &passphrase)
-        .map_err(|e| anyhow!("the KEK unsealed but opens no keyslot: {e}"))?;
-    if opened != slot {
-        tracing::warn!(
-            token_keyslot = slot,
-            opened,
-            "KEK opens another keyslot than its token names"
-        );
-    }
-    Ok((opened, passphrase))
+    let unlocked = token_unlock::test_unlock_any(ctx.kek, meta, &ctx.config.device)?;
+    Ok((unlocked.keyslot, unlocked.passphrase))
 }

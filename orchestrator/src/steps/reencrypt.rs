@@ -220,7 +220,7 @@ pub fn recover(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result
 fn reassign_token(ctx: &mut StepContext<'_>, passphrase: &Passphrase) -> crate::Result<()> {
     let dev = ctx.config.device.clone();
     let meta = crate::probe::luks2(&dev, "after re-encryption")?;
-    if super::usable_token(ctx.kek, &meta).is_some() {
+    if !crate::token_unlock::usable_tokens(ctx.kek, &meta).is_empty() {
         return Ok(());
     }
     let slot = device::test_passphrase(&dev, None, passphrase)?;
