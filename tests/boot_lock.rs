@@ -22,6 +22,7 @@ fn lock_pcr_value(rig: &Rig) -> Vec<u8> {
 fn after_the_lock_userspace_cannot_unseal_but_completes_via_the_keyring_and_the_next_boot_unlocks()
 {
     let mut rig = Rig::new(Image::Ci, 128);
+    rig.enable_boot_phase_lock();
     rig.tpm.extend_pcr7();
     let mut checks = 0;
 
@@ -97,7 +98,8 @@ fn after_the_lock_userspace_cannot_unseal_but_completes_via_the_keyring_and_the_
 /// `tpm2-policy-hash`, for the PCR values the TPM holds.
 #[test]
 fn software_policy_matches_the_tpm_and_the_token() {
-    let rig = Rig::new(Image::Plain, 128);
+    let mut rig = Rig::new(Image::Plain, 128);
+    rig.enable_boot_phase_lock();
     rig.tpm.extend_pcr7();
     let tpm = Tpm2Protector::new(&rig.config().kek.tpm2).expect("protector");
     let mut checks = 0;

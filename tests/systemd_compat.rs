@@ -69,6 +69,7 @@ fn systemd_tpm2_plugin_unlocks_what_cryptfs_enrolls_and_refuses_after_pcr7_chang
 #[test]
 fn systemd_tpm2_plugin_unlocks_before_the_boot_phase_lock_and_not_after() {
     let mut rig = Rig::new(Image::Plain, 128);
+    rig.enable_boot_phase_lock();
     rig.tpm.extend_pcr7();
     rig.run_stage("all");
     let token = common::luks2(&rig.device).tokens[&0].json.clone();
@@ -88,11 +89,9 @@ fn systemd_tpm2_plugin_unlocks_before_the_boot_phase_lock_and_not_after() {
 
 #[test]
 fn systemd_tpm2_plugin_unlocks_a_cryptfs_reencrypted_ci_image() {
-    let mut rig = Rig::new(Image::Ci, 128);
+    let rig = Rig::new(Image::Ci, 128);
     rig.run_stage("initramfs");
     rig.run_stage("userspace");
-    // The next boot: the initramfs stage's boot-phase lock held the TPM for the rest of this.
-    rig.reboot(false);
     systemd_tpm2_plugin_unlocks(&rig).expect("unlocks after re-encryption");
 }
 
@@ -228,7 +227,7 @@ fn opens(rig: &Rig, slot: u32, passphrase: &str) -> bool {
 /// afterwards the tokens are still there, naming no keyslot, and status shows exactly that.
 #[test]
 fn tokens_cryptfs_cannot_use_are_reported_and_never_deleted() {
-    let mut rig = Rig::new(Image::Ci, 128);
+    let rig = Rig::new(Image::Ci, 128);
     cryptenroll(
         &rig,
         &[
@@ -357,8 +356,7 @@ fn tokens_cryptfs_cannot_use_are_reported_and_never_deleted() {
             .all(|(_, slots)| *slots == serde_json::json!([])),
         "status reports the tokens as naming no keyslot: {reported:?}"
     );
-    // The device's own KEK still opens it (in the next boot: this one is past the lock).
-    rig.reboot(false);
+    // The device's own KEK still opens it.
     let unlock = rig.cryptfs(&["unlock", "--test"]);
     assert!(
         unlock.status.success(),

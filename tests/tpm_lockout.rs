@@ -123,13 +123,6 @@ fn ten_power_cuts_during_reencryption_leave_the_lockout_counter_at_zero() {
     let mut rig = Rig::new(Image::Ci, 128);
     rig.run_stage("initramfs");
     assert_eq!(rig.status()["state"], "reencrypting");
-    // Each cut restarts the swtpm (PCR 15 reset: the boot-phase lock undone) but not this
-    // kernel's keyring: without the initramfs's hand-off the stage unseals, which is what is
-    // measured here.
-    cryptfs::keyring::forget(&cryptfs::boot_lock::key_description(&common::luks2(
-        &rig.device,
-    )))
-    .expect("forget the hand-off");
     let delay = std::cell::Cell::new(0u64);
     let cuts = cut_each(&mut rig, CUTS, None, |rig, proxy| {
         delay.set((delay.get() + 97) % 250);

@@ -319,9 +319,23 @@ pub struct Rig {
     pub env: Vec<(&'static str, String)>,
 }
 
+/// The rigs' configuration. The boot-phase lock is off: these rigs simulate later boots with
+/// another boot id on the same swtpm, which keeps PCR 15 extended (a real reboot resets it);
+/// the lock's own tests turn it on ([`Rig::enable_boot_phase_lock`]) and restart the swtpm.
 pub fn config_text(device: &Path, boot: &Path, tcti: &str, extra: &str) -> String {
+    config_text_with_lock(device, boot, tcti, extra, false)
+}
+
+/// [`config_text`] with the boot-phase lock on or off.
+pub fn config_text_with_lock(
+    device: &Path,
+    boot: &Path,
+    tcti: &str,
+    extra: &str,
+    lock: bool,
+) -> String {
     format!(
-        "device = \"{}\"\nboot_dir = \"{}\"\n{extra}\n[kek]\nkind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"{tcti}\"\npcrs = [7]\npcr_bank = \"sha256\"\n\n[reencrypt]\nhotzone_size = 8388608\n",
+        "device = \"{}\"\nboot_dir = \"{}\"\n{extra}\n[kek]\nkind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"{tcti}\"\npcrs = [7]\npcr_bank = \"sha256\"\nboot_phase_lock = {lock}\n\n[reencrypt]\nhotzone_size = 8388608\n",
         device.display(),
         boot.display()
     )
@@ -359,8 +373,18 @@ impl Rig {
     }
 
     /// The next boot: the swtpm restarted on its state (PCRs reset; PCR 7 given the non-zero
-    /// value of [`Swtpm::extend_pcr7`] again when `pcr7_extended`), the configuration pointed
-    /// at its new port, and this boot's kernel-keyring hand-off of the volume forgotten.
+    /// value of [`Swtpm::extend_pcr7`] again when `pcr7_extended`), the configuration (lock on:
+    /// only the lock's tests reboot) pointed at its new port, and this boot's kernel-keyring
+    /// hand-off of the volume forgotten.
+    /// Turns the boot-phase lock on in this rig's configuration (pointed at its swtpm).
+    pub fn enable_boot_phase_lock(&mut self) {
+        std::fs::write(
+            &self.config,
+            config_text_with_lock(&self.device, &self.boot, &self.tpm.tcti(), "", true),
+        )
+        .expect("config");
+    }
+
     pub fn reboot(&mut self, pcr7_extended: bool) {
         if let Ok(cryptfs::probe::Probe {
             content: cryptfs::probe::Content::Luks2(meta),
@@ -374,11 +398,7 @@ impl Rig {
         if pcr7_extended {
             self.tpm.extend_pcr7();
         }
-        std::fs::write(
-            &self.config,
-            config_text(&self.device, &self.boot, &self.tpm.tcti(), ""),
-        )
-        .expect("config");
+        self.enable_boot_phase_lock();
     }
 
     pub fn cryptfs(&self, args: &[&str]) -> Output {
