@@ -30,7 +30,7 @@ fn scribble(path: &Path, offset: u64, len: usize) {
 /// `systemd-recovery` token naming it (cryptfs keeps tokens it does not use). Returns the key
 /// file.
 fn enroll_recovery_key(rig: &Rig) -> PathBuf {
-    let unlocked = cryptfs::unlock::with_token(&rig.config()).expect("unlock with the KEK");
+    let unlocked = cryptfs::unlock::with_token(&rig.config(), true).expect("unlock with the KEK");
     let vk = rig.dir.path().join("volume-key");
     std::fs::write(&vk, unlocked.volume_key.as_slice()).expect("volume key file");
     let key = rig.dir.path().join("recovery-key");

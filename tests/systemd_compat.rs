@@ -64,6 +64,29 @@ fn systemd_tpm2_plugin_unlocks_what_cryptfs_enrolls_and_refuses_after_pcr7_chang
     );
 }
 
+/// systemd 252's plugin recomputes the policy over `tpm2-pcrs` (7 and the lock PCR 15): it
+/// unlocks in the initramfs, before the boot-phase lock, and not after it.
+#[test]
+fn systemd_tpm2_plugin_unlocks_before_the_boot_phase_lock_and_not_after() {
+    let mut rig = Rig::new(Image::Plain, 128);
+    rig.enable_boot_phase_lock();
+    rig.tpm.extend_pcr7();
+    rig.run_stage("all");
+    let token = common::luks2(&rig.device).tokens[&0].json.clone();
+    assert_eq!(token["tpm2-pcrs"], serde_json::json!([7, 15]));
+    let before = systemd_tpm2_plugin_unlocks(&rig).expect("before the lock: unlocks");
+    assert_eq!(before, common::luks2(&rig.device).tokens[&0].keyslots[0]);
+    rig.run_stage("initramfs");
+    assert!(
+        systemd_tpm2_plugin_unlocks(&rig).is_err(),
+        "after the lock systemd's plugin must not unseal"
+    );
+    // Next boot (PCRs reset): unlocks again.
+    rig.reboot(true);
+    let again = systemd_tpm2_plugin_unlocks(&rig).expect("next boot: unlocks");
+    assert_eq!(again, before);
+}
+
 #[test]
 fn systemd_tpm2_plugin_unlocks_a_cryptfs_reencrypted_ci_image() {
     let rig = Rig::new(Image::Ci, 128);

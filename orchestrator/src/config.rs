@@ -190,6 +190,15 @@ pub struct Tpm2Config {
     /// Where efivarfs is mounted (tests point it at a directory of their own).
     #[serde(default = "default_efivars_dir")]
     pub efivars_dir: PathBuf,
+    /// The boot-phase lock (design/boot.md): seal to `pcrs` and `lock_pcr`, and extend
+    /// `lock_pcr` once the initramfs is done with the TPM, so that nothing later in the boot
+    /// can unseal the KEK.
+    #[serde(default = "default_boot_phase_lock")]
+    pub boot_phase_lock: bool,
+    /// The PCR the lock extends: 0-15 (locality 0 cannot reset them), not one of `pcrs`.
+    /// 15 by default, the PCR systemd uses for its volume-key measurement.
+    #[serde(default = "default_lock_pcr")]
+    pub lock_pcr: u8,
 }
 
 impl Tpm2Config {
@@ -197,6 +206,42 @@ impl Tpm2Config {
     pub fn requires_secure_boot(&self) -> bool {
         self.require_secure_boot
             .unwrap_or_else(|| self.pcrs.contains(&7))
+    }
+
+    /// The PCRs a new token is sealed to: `pcrs`, plus `lock_pcr` when the lock is on, in
+    /// ascending order (as `tpm2-pcrs` lists them).
+    pub fn sealed_pcrs(&self) -> Vec<u8> {
+        let mut pcrs = self.pcrs.clone();
+        if self.boot_phase_lock {
+            pcrs.push(self.lock_pcr);
+        }
+        pcrs.sort_unstable();
+        pcrs.dedup();
+        pcrs
+    }
+
+    /// Checks `lock_pcr` against the rules of [`Tpm2Config::lock_pcr`].
+    pub fn validate(&self) -> crate::Result<()> {
+        if !self.boot_phase_lock {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            self.lock_pcr <= 15,
+            "kek.tpm2.lock_pcr = {} cannot hold a lock: PCRs 16-23 can be reset or are \
+             reserved; use one of 0-15 (15 is the default)",
+            self.lock_pcr
+        );
+        anyhow::ensure!(
+            !self.pcrs.contains(&self.lock_pcr),
+            "kek.tpm2.lock_pcr = {} is also in kek.tpm2.pcrs; the lock needs a PCR of its own",
+            self.lock_pcr
+        );
+        // The lock extends and predicts the sha256 bank only.
+        anyhow::ensure!(
+            self.pcr_bank == "sha256",
+            "kek.tpm2.boot_phase_lock needs pcr_bank = \"sha256\" (or boot_phase_lock = false)"
+        );
+        Ok(())
     }
 }
 
@@ -208,6 +253,8 @@ impl Default for Tpm2Config {
             pcr_bank: default_bank(),
             require_secure_boot: None,
             efivars_dir: default_efivars_dir(),
+            boot_phase_lock: default_boot_phase_lock(),
+            lock_pcr: default_lock_pcr(),
         }
     }
 }
@@ -223,6 +270,12 @@ fn default_bank() -> String {
 }
 fn default_efivars_dir() -> PathBuf {
     PathBuf::from(crate::secure_boot::DEFAULT_EFIVARS_DIR)
+}
+fn default_boot_phase_lock() -> bool {
+    true
+}
+fn default_lock_pcr() -> u8 {
+    15
 }
 
 /// `[reencrypt]`.
@@ -376,6 +429,9 @@ impl Config {
                 .is_none_or(|argv| !argv.is_empty() && !argv[0].is_empty()),
             "recovery.escrow_command must name a program: [\"/path/to/program\", \"arg\", ...]"
         );
+        if config.kek.kind == KekKind::Tpm2 {
+            config.kek.tpm2.validate()?;
+        }
         if config.kek.kind == KekKind::Pkcs11 {
             let p = config.kek.pkcs11.as_ref().ok_or_else(|| {
                 anyhow::anyhow!("kek.kind = \"pkcs11\" needs a [kek.pkcs11] section")
@@ -475,6 +531,42 @@ mod tests {
             );
         }
         assert_eq!(parse_size("18446744073709551615"), Ok(u64::MAX));
+    }
+
+    fn tpm2(extra: &str) -> crate::Result<Config> {
+        Config::parse(&format!(
+            "device = \"/dev/x\"\nboot_dir = \"/boot\"\n[kek]\nkind = \"tpm2\"\n\
+             [kek.tpm2]\npcrs = [7]\n{extra}\n"
+        ))
+    }
+
+    #[test]
+    fn boot_phase_lock_is_on_by_default_on_pcr_15() {
+        let config = tpm2("").expect("valid");
+        assert!(config.kek.tpm2.boot_phase_lock);
+        assert_eq!(config.kek.tpm2.lock_pcr, 15);
+        assert_eq!(config.kek.tpm2.sealed_pcrs(), vec![7, 15]);
+        let off = tpm2("boot_phase_lock = false").expect("valid");
+        assert_eq!(off.kek.tpm2.sealed_pcrs(), vec![7]);
+        assert_eq!(
+            tpm2("lock_pcr = 14").expect("valid").kek.tpm2.sealed_pcrs(),
+            vec![7, 14]
+        );
+    }
+
+    #[test]
+    fn lock_pcr_must_be_unresettable_and_distinct() {
+        for bad in [16, 23, 17] {
+            let err = tpm2(&format!("lock_pcr = {bad}")).expect_err("resettable");
+            assert!(format!("{err:#}").contains("0-15"), "{err:#}");
+        }
+        let err = tpm2("lock_pcr = 7").expect_err("twice");
+        assert!(
+            format!("{err:#}").contains("also in kek.tpm2.pcrs"),
+            "{err:#}"
+        );
+        // Off, the lock PCR is not used and not checked.
+        assert!(tpm2("boot_phase_lock = false\nlock_pcr = 7").is_ok());
     }
 
     fn hotzone(value: &str) -> Result<u64, String> {

@@ -4,6 +4,7 @@
 //! Decisions live in `cryptfs-states` (pure); this crate carries them out: probing the device,
 //! LUKS2 through libcryptsetup, the KEK protector, the journal, and the CLI.
 
+pub mod boot_lock;
 pub mod cli;
 pub mod cmd;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod ext4;
 pub mod failpoint;
 pub mod generator;
 pub mod kek;
+pub mod keyring;
 pub mod luks;
 pub mod notify;
 pub mod plaintext;

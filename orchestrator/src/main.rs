@@ -144,7 +144,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Unlock { config, .. } => {
             let config = Config::load(&config)?;
-            let unlocked = cryptfs::unlock::with_token(&config)?;
+            // A test of the token itself: the keyring's hand-off does not count.
+            let unlocked = cryptfs::unlock::with_token(&config, false)?;
             let kind = unlocked
                 .meta
                 .tokens
@@ -175,7 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         #[cfg(feature = "test-hooks")]
         Command::ExportPlaintext { config, out } => {
             let config = Config::load(&config)?;
-            let unlocked = cryptfs::unlock::with_token(&config)?;
+            let unlocked = cryptfs::unlock::with_token(&config, true)?;
             let bytes = cryptfs::plaintext::export(
                 &config.device,
                 &unlocked.meta,

@@ -187,8 +187,25 @@ fn ensure_journal_is_for_this_device(
     Ok(())
 }
 
-/// Runs `stage` until it has nothing left to do; returns the state reached.
+/// Runs `stage` until it has nothing left to do; returns the state reached. The initramfs
+/// stage ends, on every exit path, with the boot-phase lock (after handing the passphrase on
+/// through the kernel keyring; [`crate::boot_lock`]).
 pub fn run(
+    config: &Config,
+    stage: Stage,
+    stop: Arc<AtomicBool>,
+) -> crate::Result<ProvisioningState> {
+    let result = run_stage(config, stage, stop);
+    if stage != Stage::Initramfs {
+        return result;
+    }
+    let locked = crate::boot_lock::finish_initramfs(config);
+    let state = result?;
+    locked.context("the boot-phase lock failed: the KEK stays unsealable in this boot")?;
+    Ok(state)
+}
+
+fn run_stage(
     config: &Config,
     stage: Stage,
     stop: Arc<AtomicBool>,

@@ -22,16 +22,32 @@ pub struct Unlocked {
     pub meta: Box<Luks2Metadata>,
 }
 
-/// Unseals the KEK of the configured device and unlocks its volume key.
-pub fn with_token(config: &Config) -> crate::Result<Unlocked> {
+/// Unseals the KEK of the configured device and unlocks its volume key. With `use_keyring`,
+/// a passphrase the initramfs handed on through the kernel keyring is used first.
+pub fn with_token(config: &Config, use_keyring: bool) -> crate::Result<Unlocked> {
     let mut kek = kek::from_config(config)?;
     let meta = match probe::probe(&config.device)?.content {
         Content::Luks2(meta) => meta,
         _ => bail!("{} is not a LUKS2 volume", config.device.display()),
     };
-    let unlocked = token_unlock::unlock_any(kek.as_mut(), &meta, &config.device, |slot, p| {
-        device::test_passphrase(&config.device, Some(slot), p)
-    })?;
+    let stashed = use_keyring
+        .then(|| crate::boot_lock::stashed(config, &meta))
+        .flatten();
+    let unlocked = match stashed {
+        Some((keyslot, passphrase)) => token_unlock::TokenUnlock {
+            // The token of the keyslot the handed-on passphrase opened.
+            token: token_unlock::usable_tokens(kek.as_ref(), &meta)
+                .iter()
+                .find(|t| t.keyslot == keyslot)
+                .map_or(0, |t| t.token),
+            keyslot,
+            passphrase,
+        },
+        None => token_unlock::unlock_any(kek.as_mut(), &meta, &config.device, |slot, p| {
+            device::test_passphrase(&config.device, Some(slot), p)
+        })
+        .map_err(|e| name_the_lock(config, e))?,
+    };
     let keyslot = unlocked.keyslot;
     let volume_key = device::volume_key(&config.device, Some(keyslot), &unlocked.passphrase)?;
     Ok(Unlocked {
@@ -54,12 +70,40 @@ pub enum Activation {
     },
 }
 
+/// A refused unlock after this boot's boot-phase lock says so.
+fn name_the_lock(config: &Config, e: anyhow::Error) -> anyhow::Error {
+    if crate::boot_lock::enabled(config)
+        && crate::boot_lock::locked_this_boot(config).unwrap_or(false)
+    {
+        e.context(format!(
+            "the boot-phase lock is in effect: PCR {} was extended when the initramfs was \
+             done with the TPM, so nothing later in this boot can unseal the KEK (by design; \
+             the next boot unseals it again)",
+            config.kek.tpm2.lock_pcr
+        ))
+    } else {
+        e
+    }
+}
+
+/// Activates the configured device as `/dev/mapper/<mapping_name>` with the KEK token, then
+/// (on every exit path, when configured) applies the boot-phase lock.
+pub fn activate(config: &Config) -> crate::Result<Activation> {
+    let result = activate_inner(config);
+    let locked = crate::boot_lock::finish_initramfs(config);
+    let activation = result?;
+    locked.map_err(|e| {
+        e.context("the boot-phase lock failed: the KEK stays unsealable in this boot")
+    })?;
+    Ok(activation)
+}
+
 /// Activates the configured device as `/dev/mapper/<mapping_name>` with the KEK token.
 ///
 /// Refuses a header in a re-encryption crash state: libcryptsetup would run its own recovery
 /// during activation, which is unsafe in the measured crash windows; `cryptfs run --stage
 /// initramfs` repairs it first.
-pub fn activate(config: &Config) -> crate::Result<Activation> {
+fn activate_inner(config: &Config) -> crate::Result<Activation> {
     let name = config.mapping_name.as_deref().ok_or_else(|| {
         anyhow!("no `mapping_name` in the configuration: nothing to activate the volume as")
     })?;
@@ -84,12 +128,29 @@ pub fn activate(config: &Config) -> crate::Result<Activation> {
     // With a re-encryption in flight the mapping needs both volume keys: the token's
     // passphrase opens the old key's keyslot and the new key's, so let libcryptsetup try all.
     let in_flight = meta.reencrypt_mode().is_some();
-    let unlocked = token_unlock::unlock_any(kek.as_mut(), &meta, &config.device, |slot, p| {
-        device::activate(&config.device, name, (!in_flight).then_some(slot), p)
-    })?;
-    Ok(Activation::Activated {
-        keyslot: unlocked.keyslot,
-    })
+    // The initramfs stage of this boot may have locked already, handing the passphrase on.
+    let (keyslot, passphrase) = match crate::boot_lock::stashed(config, &meta) {
+        Some((slot, passphrase)) => (
+            device::activate(
+                &config.device,
+                name,
+                (!in_flight).then_some(slot),
+                &passphrase,
+            )?,
+            passphrase,
+        ),
+        None => {
+            let unlocked =
+                token_unlock::unlock_any(kek.as_mut(), &meta, &config.device, |slot, p| {
+                    device::activate(&config.device, name, (!in_flight).then_some(slot), p)
+                })
+                .map_err(|e| name_the_lock(config, e))?;
+            (unlocked.keyslot, unlocked.passphrase)
+        }
+    };
+    // Proved: it opened the device. Handed on to the userspace stage (boot-phase lock).
+    crate::boot_lock::stash(config, &meta, &passphrase);
+    Ok(Activation::Activated { keyslot })
 }
 
 /// Opens the configured device with a recovery key: only tests it when `activate` is false,

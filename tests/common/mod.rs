@@ -108,6 +108,14 @@ impl Swtpm {
         );
     }
 
+    /// Restarts on the same state: the next boot (PCRs reset, seeds kept). The port changes.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let next = Swtpm::start_on(&self.state);
+        drop(std::mem::replace(self, next));
+    }
+
     /// The swtpm's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -320,9 +328,23 @@ pub struct Rig {
     pub env: Vec<(&'static str, String)>,
 }
 
+/// The rigs' configuration. The boot-phase lock is off: these rigs simulate later boots with
+/// another boot id on the same swtpm, which keeps PCR 15 extended (a real reboot resets it);
+/// the lock's own tests turn it on ([`Rig::enable_boot_phase_lock`]) and restart the swtpm.
 pub fn config_text(device: &Path, boot: &Path, tcti: &str, extra: &str) -> String {
+    config_text_with_lock(device, boot, tcti, extra, false)
+}
+
+/// [`config_text`] with the boot-phase lock on or off.
+pub fn config_text_with_lock(
+    device: &Path,
+    boot: &Path,
+    tcti: &str,
+    extra: &str,
+    lock: bool,
+) -> String {
     format!(
-        "device = \"{}\"\nboot_dir = \"{}\"\n{extra}\n[kek]\nkind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"{tcti}\"\npcrs = [7]\npcr_bank = \"sha256\"\nefivars_dir = \"{}\"\n\n[reencrypt]\nhotzone_size = 8388608\n",
+        "device = \"{}\"\nboot_dir = \"{}\"\n{extra}\n[kek]\nkind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"{tcti}\"\npcrs = [7]\npcr_bank = \"sha256\"\nboot_phase_lock = {lock}\nefivars_dir = \"{}\"\n\n[reencrypt]\nhotzone_size = 8388608\n",
         device.display(),
         boot.display(),
         secure_boot_on_efivars().display()
@@ -375,6 +397,35 @@ impl Rig {
             files,
             env: Vec::new(),
         }
+    }
+
+    /// The next boot: the swtpm restarted on its state (PCRs reset; PCR 7 given the non-zero
+    /// value of [`Swtpm::extend_pcr7`] again when `pcr7_extended`), the configuration (lock on:
+    /// only the lock's tests reboot) pointed at its new port, and this boot's kernel-keyring
+    /// hand-off of the volume forgotten.
+    /// Turns the boot-phase lock on in this rig's configuration (pointed at its swtpm).
+    pub fn enable_boot_phase_lock(&mut self) {
+        std::fs::write(
+            &self.config,
+            config_text_with_lock(&self.device, &self.boot, &self.tpm.tcti(), "", true),
+        )
+        .expect("config");
+    }
+
+    pub fn reboot(&mut self, pcr7_extended: bool) {
+        if let Ok(cryptfs::probe::Probe {
+            content: cryptfs::probe::Content::Luks2(meta),
+            ..
+        }) = cryptfs::probe::probe(&self.device)
+        {
+            cryptfs::keyring::forget(&cryptfs::boot_lock::key_description(&meta))
+                .expect("forget the keyring hand-off");
+        }
+        self.tpm.restart();
+        if pcr7_extended {
+            self.tpm.extend_pcr7();
+        }
+        self.enable_boot_phase_lock();
     }
 
     pub fn cryptfs(&self, args: &[&str]) -> Output {

@@ -7,6 +7,7 @@
 pub mod der;
 pub mod pkcs11;
 pub mod tpm2;
+pub mod tpm2_policy;
 
 use serde_json::{Map, Value};
 

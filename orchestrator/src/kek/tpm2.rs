@@ -58,7 +58,8 @@ impl Tpm2Protector {
         }
         Ok(Tpm2Protector {
             tcti: config.tcti.clone(),
-            pcrs: config.pcrs.clone(),
+            // The lock PCR, when on, is part of every new token's policy (design/boot.md).
+            pcrs: config.sealed_pcrs(),
             bank,
             bank_name: config.pcr_bank.clone(),
             secure_boot_from: config
@@ -593,5 +594,76 @@ impl KekProtector for Tpm2Protector {
                 .get("tpm2-primary-alg")
                 .and_then(Value::as_str)
                 .is_none_or(|a| a == "ecc")
+    }
+}
+
+/// PCR access for the boot-phase lock, `reseal` and `status` (design/boot.md). Added beside
+/// the protector's seal/unseal; it reuses their context, session and flush helpers.
+impl Tpm2Protector {
+    /// The PCRs the protector seals to, as configured (the lock PCR, when on, is included by
+    /// the configuration's [`Tpm2Config::sealed_pcrs`](crate::config::Tpm2Config::sealed_pcrs)).
+    pub fn pcrs(&self) -> &[u8] {
+        &self.pcrs
+    }
+
+    /// Reads the values of `pcrs` in the bank `bank_name`, as (index, value) in ascending index
+    /// order.
+    pub fn read_pcrs(&self, bank_name: &str, pcrs: &[u8]) -> crate::Result<Vec<(u8, Vec<u8>)>> {
+        let bank = bank_from_name(bank_name)?;
+        let mut ctx = self.context()?;
+        let mut sorted = pcrs.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut out = Vec::new();
+        // TPM2_PCR_Read returns at most 8 digests per call: one PCR at a time keeps it simple.
+        for pcr in sorted {
+            let (_, _, digests) = ctx
+                .pcr_read(selection(bank, &[pcr])?)
+                .with_context(|| format!("TPM could not read PCR {pcr} ({bank_name})"))?;
+            let value = digests
+                .value()
+                .first()
+                .ok_or_else(|| anyhow!("TPM has no PCR {pcr} in the {bank_name} bank"))?;
+            out.push((pcr, value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Extends `pcr` of the sha256 bank with `measurement` (32 bytes).
+    pub fn extend_pcr(&self, pcr: u8, measurement: &[u8; 32]) -> crate::Result<()> {
+        use tss_esapi::handles::PcrHandle;
+        use tss_esapi::structures::DigestValues;
+        let handle = PcrHandle::try_from(u32::from(pcr))
+            .map_err(|e| anyhow!("PCR {pcr} cannot be extended: {e}"))?;
+        let mut values = DigestValues::new();
+        values.set(
+            HashingAlgorithm::Sha256,
+            Digest::try_from(measurement.to_vec())?,
+        );
+        let mut ctx = self.context()?;
+        ctx.execute_with_nullauth_session(|ctx| ctx.pcr_extend(handle, values))
+            .with_context(|| format!("TPM could not extend PCR {pcr}"))
+    }
+
+    /// The PolicyPCR digest the TPM computes in a trial session over the current values of
+    /// `pcrs` in `bank_name` (the cross-check of [`super::tpm2_policy`]).
+    pub fn trial_policy(&self, bank_name: &str, pcrs: &[u8]) -> crate::Result<Vec<u8>> {
+        let bank = bank_from_name(bank_name)?;
+        let mut ctx = self.context()?;
+        let mut flush = Flush::default();
+        let result = (|| {
+            let trial = start_session(
+                &mut ctx,
+                SessionType::Trial,
+                None,
+                (false, false),
+                &mut flush,
+            )?;
+            let trial = PolicySession::try_from(trial)?;
+            ctx.policy_pcr(trial, Digest::default(), selection(bank, pcrs)?)?;
+            Ok(ctx.policy_get_digest(trial)?.value().to_vec())
+        })();
+        flush.all(&mut ctx);
+        result
     }
 }

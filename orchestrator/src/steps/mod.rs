@@ -71,6 +71,14 @@ pub fn unlock_with_token(
     ctx: &mut StepContext<'_>,
     meta: &Luks2Metadata,
 ) -> crate::Result<(u32, Passphrase)> {
+    // After the boot-phase lock the TPM cannot unseal in this boot: the userspace stage takes
+    // the passphrase the initramfs handed on through the kernel keyring.
+    if ctx.stage == Stage::Userspace {
+        if let Some(found) = crate::boot_lock::stashed(ctx.config, meta) {
+            tracing::info!("KEK passphrase taken from the kernel keyring (boot-phase lock)");
+            return Ok(found);
+        }
+    }
     let unlocked = token_unlock::test_unlock_any(ctx.kek, meta, &ctx.config.device)?;
     Ok((unlocked.keyslot, unlocked.passphrase))
 }
