@@ -252,6 +252,16 @@ fn primary_template() -> crate::Result<Public> {
 struct Flush(Vec<ObjectHandle>);
 
 impl Flush {
+    /// Flushes one handle now, before the next session starts: a TPM reached without a
+    /// resource manager (swtpm, a raw `/dev/tpm0`) has three session slots, and another
+    /// client may have left sessions in some of them.
+    fn now(&mut self, ctx: &mut Context, handle: ObjectHandle) {
+        self.0.retain(|h| *h != handle);
+        if let Err(e) = ctx.flush_context(handle) {
+            tracing::warn!("could not flush a TPM handle: {e}");
+        }
+    }
+
     fn all(self, ctx: &mut Context) {
         for handle in self.0 {
             if let Err(e) = ctx.flush_context(handle) {
@@ -428,6 +438,7 @@ impl Tpm2Protector {
         let trial = PolicySession::try_from(trial)?;
         ctx.policy_pcr(trial, Digest::default(), selection)?;
         let policy = ctx.policy_get_digest(trial)?;
+        flush.now(ctx, SessionHandle::from(trial).into());
         // noDA as systemd >= 256: the object's policy needs no authValue, so it is never
         // DA-checked; the flag says so to every TPM and tool. systemd 252 unseals it
         // (tests/systemd_compat.rs).
@@ -499,6 +510,7 @@ impl Tpm2Protector {
             |e| anyhow!("TPM refused to load the sealed KEK (made by another TPM?): {e}"),
         )?;
         flush.0.push(object.into());
+        flush.now(ctx, SessionHandle::from(session).into());
         // The policy is recomputed over the token's bank: the one it was sealed with. The
         // policy session is salted and encrypts TPM2_Unseal's response (the secret).
         let selection = selection(token.bank, pcrs)?;
