@@ -130,14 +130,7 @@ fn both_paths_escrow_then_enroll_a_key_stock_tools_use() {
     for (image, reencrypt) in [(Image::Plain, "when-from-image"), (Image::Ci, "never")] {
         let rig = Rig::new(image, SIZE_MIB);
         let (file, from_cmd) = enable_recovery(&rig, "umask 077; cat > OUT", reencrypt);
-        let out = run_all(&rig, None);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut outputs = vec![out];
-        let slot = assert_escrowed_key_opens(&rig, &file, &mut outputs);
+        let (outputs, slot) = finish_and_open(&rig, &file, "");
         assert_eq!(
             std::fs::read(&file).expect("file"),
             std::fs::read(&from_cmd).expect("cmd")
@@ -222,14 +215,7 @@ fn a_failing_escrow_stops_before_the_wipe_and_the_next_run_succeeds() {
     common::volume_key_with(&rig.device, CI_PASSPHRASE).expect("passphrase still opens");
     let escrowed_by_file = std::fs::read(&file).expect("file escrow ran first");
     let (file, _) = enable_recovery(&rig, "cat > OUT", "never");
-    let out = run_all(&rig, None);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut outputs = vec![out];
-    assert_escrowed_key_opens(&rig, &file, &mut outputs);
+    let (outputs, _) = finish_and_open(&rig, &file, "");
     assert_ne!(
         std::fs::read(&file).expect("file"),
         escrowed_by_file,
@@ -257,14 +243,7 @@ fn a_crash_at_every_recovery_failpoint_resumes_with_the_escrowed_key() {
             },
             "{fp}: nothing wiped before the recovery key is in place"
         );
-        let out = run_all(&rig, None);
-        assert!(
-            out.status.success(),
-            "{fp}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut outputs = vec![out];
-        assert_escrowed_key_opens(&rig, &file, &mut outputs);
+        let (outputs, _) = finish_and_open(&rig, &file, fp);
         assert_eq!(
             std::fs::read(&file).expect("file"),
             std::fs::read(&from_cmd).expect("cmd")
@@ -279,4 +258,18 @@ fn a_crash_at_every_recovery_failpoint_resumes_with_the_escrowed_key() {
     }
     assert_eq!(cut, RECOVERY_BOUNDARIES.len());
     assert_eq!(cut, 4);
+}
+
+/// Runs every stage to the end (it must succeed), then checks that the escrowed key opens the
+/// volume; returns the outputs seen (for the leak scans) and the recovery keyslot.
+fn finish_and_open(rig: &Rig, file: &Path, what: &str) -> (Vec<std::process::Output>, u32) {
+    let out = run_all(rig, None);
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut outputs = vec![out];
+    let slot = assert_escrowed_key_opens(rig, file, &mut outputs);
+    (outputs, slot)
 }
