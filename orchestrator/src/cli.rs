@@ -57,6 +57,29 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         recovery_key_file: Option<PathBuf>,
     },
+    /// Seal the KEK to new PCR values (after a firmware or Secure Boot database update, or to
+    /// rotate it): the new token and keyslot are added and proven before the old ones go.
+    /// Without flags: replace every KEK token with one sealed to this boot's values.
+    Reseal {
+        /// Configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Open the volume with the recovery key read from FILE (`-` = standard input): when
+        /// PCR 7 changed and the TPM refuses the current token.
+        #[arg(long, value_name = "FILE", conflicts_with = "finish")]
+        recovery_key_file: Option<PathBuf>,
+        /// Before a planned update: add a token for the predicted PCR 7 value beside the
+        /// current ones.
+        #[arg(long, requires = "pcr7", conflicts_with = "finish")]
+        prepare: bool,
+        /// The predicted PCR 7 value, hex, in the configured bank (with `--prepare`).
+        #[arg(long, value_name = "HEX", requires = "prepare")]
+        pcr7: Option<String>,
+        /// After the update: drop the tokens this boot's PCR values no longer satisfy (never
+        /// the last one that does).
+        #[arg(long)]
+        finish: bool,
+    },
     /// Unlock with the KEK token (no activation) and write the decrypted filesystem image to
     /// a file, for offline checks on machines without dm-crypt (demo, tests). Only in builds
     /// with the `test-hooks` feature: a shipped binary has no way to write the plaintext out.

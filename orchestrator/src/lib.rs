@@ -21,11 +21,13 @@ pub mod progress;
 pub mod record;
 pub mod recovery;
 pub mod reencrypt_progress;
+pub mod reseal;
 pub mod runner;
 pub mod secret;
 pub mod secure_boot;
 pub mod status;
 pub mod steps;
+pub mod token_policy;
 pub mod token_unlock;
 pub mod unlock;
 

@@ -159,6 +159,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Reseal {
+            config,
+            recovery_key_file,
+            prepare,
+            pcr7,
+            finish,
+        } => {
+            let config = Config::load(&config)?;
+            let request = match (prepare, pcr7, finish) {
+                (_, _, true) => cryptfs::reseal::Request::Finish,
+                (true, Some(hex_value), false) => cryptfs::reseal::Request::Prepare {
+                    pcr7: hex::decode(hex_value.trim())
+                        .map_err(|e| anyhow::anyhow!("--pcr7 is not a hex PCR value: {e}"))?,
+                },
+                _ => cryptfs::reseal::Request::Replace,
+            };
+            let key = recovery_key_file
+                .as_deref()
+                .map(cryptfs::recovery::read_recovery_key)
+                .transpose()?;
+            let outcome = tokio::task::spawn_blocking(move || {
+                cryptfs::reseal::run(&config, &request, key.as_ref())
+            })
+            .await??;
+            print!("{}", cryptfs::reseal::render(&outcome));
+            Ok(())
+        }
         Command::SystemdGenerator {
             config, normal_dir, ..
         } => {

@@ -269,6 +269,41 @@ impl Recorder {
         )
     }
 
+    /// Records, durably, that an operation that is no provisioning step (`reseal`) is about to
+    /// start; like [`Recorder::intent`], stamped with the device.
+    pub fn operation_intent(
+        &mut self,
+        subject: &str,
+        state: ProvisioningState,
+        mut details: std::collections::BTreeMap<String, Value>,
+    ) -> crate::Result<()> {
+        if let Some(device) = &self.device {
+            details.insert(keys::DEVICE.into(), serde_json::to_value(device)?);
+        }
+        self.append(subject, Phase::Intent, Some(state), None, details)
+    }
+
+    /// Records, durably, that the operation `subject` finished.
+    pub fn operation_done(
+        &mut self,
+        subject: &str,
+        state: ProvisioningState,
+        details: std::collections::BTreeMap<String, Value>,
+    ) -> crate::Result<()> {
+        self.append(subject, Phase::Done, Some(state), None, details)
+    }
+
+    /// Records a sub-step of the operation `subject` reached durably.
+    pub fn substep_named(
+        &mut self,
+        subject: &str,
+        name: &str,
+        mut details: std::collections::BTreeMap<String, Value>,
+    ) -> crate::Result<()> {
+        details.insert(keys::SUBSTEP.into(), Value::from(name));
+        self.append(subject, Phase::Note, None, None, details)
+    }
+
     /// Records a fact that is no step.
     pub fn note(
         &mut self,
@@ -335,18 +370,34 @@ pub fn pending<J: AsRef<[Record]> + ?Sized>(journal: &J, step: Step) -> Option<&
 
 /// [`pending`] over a slice of records (a read-only snapshot).
 pub fn pending_in(records: &[Record], step: Step) -> Option<&[Record]> {
+    pending_named(records, step.name())
+}
+
+/// [`pending_in`] for any journal subject (a step's name or an operation such as `reseal`).
+pub fn pending_named<'r>(records: &'r [Record], name: &str) -> Option<&'r [Record]> {
     let start = records
         .iter()
-        .rposition(|r| r.body.step == step.name() && r.body.phase == Phase::Intent)?;
+        .rposition(|r| r.body.step == name && r.body.phase == Phase::Intent)?;
     let tail = &records[start..];
     if tail
         .iter()
-        .any(|r| r.body.step == step.name() && r.body.phase == Phase::Done)
+        .any(|r| r.body.step == name && r.body.phase == Phase::Done)
     {
         None
     } else {
         Some(tail)
     }
+}
+
+/// A keyslot number in the intent of the unfinished `name` (a step or an operation), if any.
+pub fn pending_keyslot(records: &[Record], name: &str) -> Option<u32> {
+    pending_named(records, name)?
+        .first()?
+        .body
+        .details
+        .get(keys::KEYSLOT)?
+        .as_u64()
+        .and_then(|s| u32::try_from(s).ok())
 }
 
 /// The sealed KEK journaled by an unfinished `step`, if any.

@@ -50,7 +50,15 @@ pub fn facts(
         Content::PlainExt4(_) => DeviceFacts::PlainExt4,
         Content::Luks2(meta) => DeviceFacts::Luks2(Luks2Facts {
             kek_token: !crate::token_unlock::usable_tokens(kek, meta).is_empty(),
-            passphrase_keyslots: meta.passphrase_keyslots(),
+            // A keyslot an interrupted reseal added before its token is not a passphrase to
+            // wipe: the next `cryptfs reseal` undoes it (the journal disambiguates).
+            passphrase_keyslots: {
+                let resealing = journal.and_then(crate::reseal::pending_new_keyslot);
+                meta.passphrase_keyslots()
+                    .into_iter()
+                    .filter(|s| Some(*s) != resealing)
+                    .collect()
+            },
             reencrypt: match meta.reencrypt_mode() {
                 Some("encrypt") => Some(ReencryptMode::Encrypt),
                 Some("reencrypt") => Some(ReencryptMode::Reencrypt),

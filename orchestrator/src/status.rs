@@ -1,5 +1,6 @@
 //! `cryptfs status`: state, next action, device facts, progress, journal and header backup.
-//! Read-only: it opens nothing for writing and never needs the TPM.
+//! Read-only: it opens nothing for writing. With a TPM reachable it reads the PCR values the
+//! KEK tokens are sealed to (`PCR_Read` only) and shows, per token, whether they still match.
 
 use std::fmt::Write as _;
 
@@ -67,6 +68,11 @@ pub struct DeviceStatus {
     pub reencrypt: ReencryptStatus,
     /// Which header copies pass their checksum.
     pub header_copies_ok: Option<[bool; 2]>,
+    /// Why the TPM tokens' policies could not be checked (no TPM reachable, say).
+    pub pcr_error: Option<String>,
+    /// The mode of a `reseal` the journal shows interrupted (the next `cryptfs reseal`
+    /// resolves it).
+    pub reseal_interrupted: Option<String>,
 }
 
 /// One keyslot.
@@ -102,6 +108,9 @@ pub struct TokenStatus {
     pub role: String,
     /// PCRs (TPM tokens).
     pub pcrs: Option<serde_json::Value>,
+    /// `systemd-tpm2` tokens: the policy against this boot's PCR values (the lock PCR at its
+    /// pre-lock value), per PCR what it was sealed to and what it is now.
+    pub policy: Option<crate::token_policy::TokenPolicy>,
 }
 
 /// Re-encryption.
@@ -295,6 +304,10 @@ pub fn collect(config: &Config) -> crate::Result<Status> {
                 device.reencrypt.progress =
                     live_progress(meta, p.size_bytes, journal.unwrap_or_default(), step);
             }
+            if let Content::Luks2(meta) = &p.content {
+                judge_tpm2_tokens(config, meta, journal.unwrap_or_default(), &mut device);
+                device.reseal_interrupted = crate::reseal::interrupted(journal.unwrap_or_default());
+            }
             let result = runner::facts(config, kek.as_ref(), p, journal, &record::boot_id());
             match result {
                 Ok(facts) => (
@@ -319,6 +332,34 @@ pub fn collect(config: &Config) -> crate::Result<Status> {
         journal: journal_status,
         header_backup,
     })
+}
+
+/// Fills each `systemd-tpm2` token's policy check: PCR reads only, nothing else of the TPM.
+fn judge_tpm2_tokens(
+    config: &Config,
+    meta: &crate::luks::metadata::Luks2Metadata,
+    journal: &[Record],
+    device: &mut DeviceStatus,
+) {
+    let tokens = crate::token_policy::tpm2_tokens(meta);
+    if tokens.is_empty() || config.kek.kind != crate::config::KekKind::Tpm2 {
+        return;
+    }
+    let boot = crate::kek::tpm2::Tpm2Protector::new(&config.kek.tpm2)
+        .and_then(|tpm| crate::reseal::boot_pcrs(config, &tpm, meta, journal));
+    let boot = match boot {
+        Ok(boot) => boot,
+        Err(e) => {
+            device.pcr_error = Some(format!("{e:#}"));
+            return;
+        }
+    };
+    for (id, sealed) in tokens {
+        let judged = crate::token_policy::judge(id, &sealed, &boot);
+        if let Some(status) = device.tokens.iter_mut().find(|t| t.id == id) {
+            status.policy = Some(judged);
+        }
+    }
 }
 
 fn describe(device: &mut DeviceStatus, content: &Content, kek: &dyn kek::KekProtector) {
@@ -381,6 +422,7 @@ fn describe(device: &mut DeviceStatus, content: &Content, kek: &dyn kek::KekProt
                     }
                     .into(),
                     pcrs: token.json.get("tpm2-pcrs").cloned(),
+                    policy: None,
                 });
             }
             if let Some(mode) = meta.reencrypt_mode() {
@@ -448,6 +490,20 @@ pub fn render(s: &Status) -> String {
                 "marker" => " (cryptfs key-origin record)",
                 _ => " (not usable by this device's protector; kept)",
             }
+        );
+        if let Some(p) = &t.policy {
+            let _ = writeln!(out, "            {}", policy_text(p));
+        }
+    }
+    if let Some(e) = &d.pcr_error {
+        let _ = writeln!(out, "pcrs:       not checked against the TPM: {e}");
+    }
+    if let Some(mode) = &d.reseal_interrupted {
+        let _ = writeln!(
+            out,
+            "reseal:     an interrupted `reseal` ({mode}) is open in the journal; the next \
+             `cryptfs reseal` resolves it (the old unlock path was kept until the new one \
+             was proven)"
         );
     }
     let _ = write!(out, "reencrypt:  {}", d.reencrypt.status);
@@ -552,6 +608,47 @@ pub fn render(s: &Status) -> String {
         );
     }
     out
+}
+
+/// One line on a TPM token's policy: unseals or not, and which PCR changed.
+fn policy_text(p: &crate::token_policy::TokenPolicy) -> String {
+    if let Some(e) = &p.error {
+        return format!("policy: not checked ({e})");
+    }
+    let pcrs: Vec<String> = p
+        .pcrs
+        .iter()
+        .map(|c| {
+            let now = c.boot.as_deref().map_or("?".to_string(), short);
+            match (c.changed, c.sealed.as_deref()) {
+                (Some(true), Some(sealed)) => {
+                    format!(
+                        "PCR {} CHANGED (sealed {}, now {now})",
+                        c.pcr,
+                        short(sealed)
+                    )
+                }
+                (Some(false), _) => format!("PCR {} {now} as sealed", c.pcr),
+                _ => format!("PCR {} {now}", c.pcr),
+            }
+        })
+        .collect();
+    let verdict = match p.unseals {
+        Some(true) => "policy matches this boot's PCR values",
+        Some(false) => "policy does NOT match this boot's PCR values (the TPM refuses it)",
+        None => "policy unknown",
+    };
+    format!("{verdict}: {}", pcrs.join(", "))
+}
+
+/// The first 16 hex digits of a value: enough to see what changed.
+fn short(hex_value: &str) -> String {
+    let head: String = hex_value.chars().take(16).collect();
+    if head.len() < hex_value.len() {
+        format!("{head}…")
+    } else {
+        head
+    }
 }
 
 fn action_text(a: &Action) -> String {

@@ -70,20 +70,49 @@ pub enum Activation {
     },
 }
 
-/// A refused unlock after this boot's boot-phase lock says so.
+/// A refused unlock after this boot's boot-phase lock says so — only when the lock is the
+/// reason: a token whose policy this boot's values (the lock PCR at its pre-lock value) still
+/// satisfy. When none does, a PCR of the policy changed as well, and the message says which.
 fn name_the_lock(config: &Config, e: anyhow::Error) -> anyhow::Error {
-    if crate::boot_lock::enabled(config)
-        && crate::boot_lock::locked_this_boot(config).unwrap_or(false)
+    if !crate::boot_lock::enabled(config)
+        || !crate::boot_lock::locked_this_boot(config).unwrap_or(false)
     {
-        e.context(format!(
-            "the boot-phase lock is in effect: PCR {} was extended when the initramfs was \
-             done with the TPM, so nothing later in this boot can unseal the KEK (by design; \
-             the next boot unseals it again)",
-            config.kek.tpm2.lock_pcr
-        ))
-    } else {
-        e
+        return e;
     }
+    let lock_pcr = config.kek.tpm2.lock_pcr;
+    match judge_at_boot(config) {
+        Some(judged) if !judged.iter().any(|j| j.unseals == Some(true)) => {
+            let changed: Vec<String> = judged
+                .iter()
+                .filter_map(crate::token_policy::changed_pcrs)
+                .collect();
+            e.context(format!(
+                "no KEK token's policy matches this boot's PCR values even before the                  boot-phase lock ({}): the next boot will not unseal either; see `cryptfs                  status`, and reseal (`cryptfs reseal --recovery-key-file`)",
+                if changed.is_empty() {
+                    "the policy differs".to_string()
+                } else {
+                    format!("{} changed", changed.join(", "))
+                }
+            ))
+        }
+        _ => e.context(format!(
+            "the boot-phase lock is in effect: PCR {lock_pcr} was extended when the initramfs              was done with the TPM, so nothing later in this boot can unseal the KEK (by              design; the next boot unseals it again)"
+        )),
+    }
+}
+
+/// Each TPM token of the device judged against this boot's PCR values, when they can be read.
+fn judge_at_boot(config: &Config) -> Option<Vec<crate::token_policy::TokenPolicy>> {
+    let meta = probe::luks2(&config.device, "to explain the refusal").ok()?;
+    let journal = cryptfs_journal::Journal::read_only(&config.journal_path()).ok()?;
+    let tpm = crate::kek::tpm2::Tpm2Protector::new(&config.kek.tpm2).ok()?;
+    let boot = crate::reseal::boot_pcrs(config, &tpm, &meta, &journal.records).ok()?;
+    Some(
+        crate::token_policy::tpm2_tokens(&meta)
+            .iter()
+            .map(|(id, sealed)| crate::token_policy::judge(*id, sealed, &boot))
+            .collect(),
+    )
 }
 
 /// Activates the configured device as `/dev/mapper/<mapping_name>` with the KEK token, then

@@ -12,6 +12,7 @@ pub mod action;
 pub mod facts;
 pub mod identity;
 pub mod machine;
+pub mod reseal;
 pub mod state;
 
 pub use action::{plan, Action, Blocker, Stage, Step};

@@ -38,6 +38,10 @@ const SECRET_BYTES: usize = 32;
 /// Token field pinning the storage primary: lowercase hex of its TPM name (nameAlg || digest of
 /// its public area). systemd ignores fields it does not know (design/README.md, TPM bus).
 pub const PRIMARY_NAME_FIELD: &str = "cryptfs-tpm2-primary-name";
+/// Token field with the PCR values the secret was sealed to: an object of PCR index (decimal
+/// string) to lowercase hex value, in the token's bank. Public (PCR values are readable by
+/// anyone); systemd ignores it. `status` compares it with the current values.
+pub const PCR_VALUES_FIELD: &str = "cryptfs-tpm2-pcr-values";
 
 /// TPM 2.0 protector configured with a TCTI and a PCR policy.
 pub struct Tpm2Protector {
@@ -149,6 +153,11 @@ pub struct Tpm2Token {
     /// The storage primary's TPM name recorded at enrollment ([`PRIMARY_NAME_FIELD`]); `None`
     /// for tokens of systemd-cryptenroll or older cryptfs (trusted on first use).
     pub primary_name: Option<Vec<u8>>,
+    /// `tpm2-policy-hash`: the policy digest the object was created with, if the token says.
+    pub policy_hash: Option<Vec<u8>>,
+    /// [`PCR_VALUES_FIELD`]: the PCR values sealed to, ascending, if the token says (cryptfs
+    /// tokens since reseal; not systemd's).
+    pub sealed_values: Option<Vec<(u8, Vec<u8>)>>,
 }
 
 /// The largest `tpm2-blob` accepted: two TPM2B structures of at most 64 KiB each.
@@ -211,15 +220,63 @@ impl Tpm2Token {
                 bail!("{PRIMARY_NAME_FIELD} of the systemd-tpm2 token is not a TPM name in hex")
             }
         };
+        let policy_hash = match fields.get("tpm2-policy-hash") {
+            None => None,
+            Some(Value::String(text)) if text.len() <= 2 * MAX_DIGEST_BYTES => {
+                Some(hex::decode(text).map_err(|_| {
+                    anyhow!("tpm2-policy-hash of the systemd-tpm2 token is not hex")
+                })?)
+            }
+            Some(_) => bail!("tpm2-policy-hash of the systemd-tpm2 token is not a digest in hex"),
+        };
+        let sealed_values = match fields.get(PCR_VALUES_FIELD) {
+            None => None,
+            Some(Value::Object(map)) if map.len() <= usize::from(MAX_PCR) + 1 => {
+                let mut values = Vec::with_capacity(map.len());
+                for (key, value) in map {
+                    let pcr = key
+                        .parse::<u8>()
+                        .ok()
+                        .filter(|p| *p <= MAX_PCR)
+                        .ok_or_else(|| anyhow!("{PCR_VALUES_FIELD}: {key:.8?} is no PCR"))?;
+                    let value = value
+                        .as_str()
+                        .filter(|v| v.len() <= 2 * MAX_DIGEST_BYTES)
+                        .and_then(|v| hex::decode(v).ok())
+                        .ok_or_else(|| anyhow!("{PCR_VALUES_FIELD}: PCR {pcr} is not hex"))?;
+                    values.push((pcr, value));
+                }
+                values.sort_by_key(|(p, _)| *p);
+                Some(values)
+            }
+            Some(_) => bail!("{PCR_VALUES_FIELD} of the systemd-tpm2 token is not a PCR map"),
+        };
         Ok(Tpm2Token {
             blob,
             pcrs,
             bank,
             bank_name,
             primary_name,
+            policy_hash,
+            sealed_values,
+        })
+    }
+
+    /// The policy digest in the sealed object's public area (what the TPM will demand), read
+    /// from the blob; `None` when the public area is no keyed-hash object.
+    pub fn object_policy(&self) -> crate::Result<Option<Vec<u8>>> {
+        let (_, rest) = split_tpm2b(&self.blob)?;
+        let (public, _) = split_tpm2b(rest)?;
+        let public = Public::unmarshall(public).context("tpm2-blob: public area")?;
+        Ok(match public {
+            Public::KeyedHash { auth_policy, .. } => Some(auth_policy.value().to_vec()),
+            _ => None,
         })
     }
 }
+
+/// The largest digest of a supported bank (SHA-512).
+const MAX_DIGEST_BYTES: usize = 64;
 
 /// The storage primary key template of systemd 252: ECC NIST P-256, AES-128-CFB, NULL scheme
 /// and KDF, empty unique. Deterministic for a given owner seed, so it is re-created on demand.
@@ -431,14 +488,9 @@ impl Tpm2Protector {
         ctx: &mut Context,
         flush: &mut Flush,
         secret: &[u8],
-    ) -> crate::Result<(Vec<u8>, Digest, Vec<u8>)> {
+        policy: Digest,
+    ) -> crate::Result<(Vec<u8>, Vec<u8>)> {
         let (primary, primary_name) = create_primary(ctx, flush)?;
-        let selection = self.selection(&self.pcrs)?;
-        let trial = start_session(ctx, SessionType::Trial, None, (false, false), flush)?;
-        let trial = PolicySession::try_from(trial)?;
-        ctx.policy_pcr(trial, Digest::default(), selection)?;
-        let policy = ctx.policy_get_digest(trial)?;
-        flush.now(ctx, SessionHandle::from(trial).into());
         // noDA as systemd >= 256: the object's policy needs no authValue, so it is never
         // DA-checked; the flag says so to every TPM and tool. systemd 252 unseals it
         // (tests/systemd_compat.rs).
@@ -468,7 +520,7 @@ impl Tpm2Protector {
         )?;
         let mut blob = tpm2b(created.out_private.value())?;
         blob.extend(tpm2b(&created.out_public.marshall()?)?);
-        Ok((blob, policy, primary_name))
+        Ok((blob, primary_name))
     }
 
     fn unseal_inner(
@@ -556,37 +608,8 @@ impl KekProtector for Tpm2Protector {
     }
 
     fn seal(&mut self) -> crate::Result<(Secret, SealedKek)> {
-        self.check_secure_boot()?;
-        let mut bytes = zeroize::Zeroizing::new(vec![0u8; SECRET_BYTES]);
-        rand::rngs::OsRng.fill_bytes(&mut bytes);
-        let secret = Secret::new(bytes.to_vec());
-        let mut ctx = self.context()?;
-        let mut flush = Flush::default();
-        let sealed = self.seal_inner(&mut ctx, &mut flush, secret.expose());
-        flush.all(&mut ctx);
-        let (blob, policy, primary_name) = sealed?;
-        let mut fields = Map::new();
-        fields.insert(
-            "tpm2-blob".into(),
-            Value::from(base64::engine::general_purpose::STANDARD.encode(blob)),
-        );
-        fields.insert(
-            "tpm2-pcrs".into(),
-            Value::from(self.pcrs.iter().map(|p| u32::from(*p)).collect::<Vec<_>>()),
-        );
-        fields.insert("tpm2-pcr-bank".into(), Value::from(self.bank_name.clone()));
-        fields.insert("tpm2-primary-alg".into(), Value::from("ecc"));
-        fields.insert(
-            "tpm2-policy-hash".into(),
-            Value::from(hex::encode(policy.value())),
-        );
-        fields.insert("tpm2-pin".into(), Value::from(false));
-        fields.insert(
-            PRIMARY_NAME_FIELD.into(),
-            Value::from(hex::encode(primary_name)),
-        );
-        tracing::info!(pcrs = %self.pcr_names(), "KEK secret sealed by the TPM");
-        Ok((secret, SealedKek { fields }))
+        let values = self.read_pcrs(&self.bank_name, &self.pcrs)?;
+        self.seal_to(&values)
     }
 
     fn unseal(&mut self, sealed: &SealedKek) -> crate::Result<Secret> {
@@ -639,6 +662,61 @@ impl Tpm2Protector {
             out.push((pcr, value.value().to_vec()));
         }
         Ok(out)
+    }
+
+    /// Seals a new secret to the given PCR values (every PCR of the configured policy, in the
+    /// configured bank), which need not be the TPM's current ones: the policy digest is
+    /// computed in software ([`super::tpm2_policy`]), so `reseal` can seal after the boot-phase
+    /// lock and for a predicted PCR 7. The values go in [`PCR_VALUES_FIELD`] so that `status`
+    /// can say which PCR changed when the token is refused.
+    pub fn seal_to(&mut self, values: &[(u8, Vec<u8>)]) -> crate::Result<(Secret, SealedKek)> {
+        self.check_secure_boot()?;
+        let mut given: Vec<u8> = values.iter().map(|(p, _)| *p).collect();
+        given.sort_unstable();
+        if given != self.pcrs {
+            bail!(
+                "internal error: values for PCR {given:?} given, the policy is PCR {:?}",
+                self.pcrs
+            );
+        }
+        let policy = super::tpm2_policy::policy_pcr_digest(&self.bank_name, values)?;
+        let mut bytes = zeroize::Zeroizing::new(vec![0u8; SECRET_BYTES]);
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        let secret = Secret::new(bytes.to_vec());
+        let mut ctx = self.context()?;
+        let mut flush = Flush::default();
+        let sealed = self.seal_inner(
+            &mut ctx,
+            &mut flush,
+            secret.expose(),
+            Digest::try_from(policy.to_vec())?,
+        );
+        flush.all(&mut ctx);
+        let (blob, primary_name) = sealed?;
+        let mut fields = Map::new();
+        fields.insert(
+            "tpm2-blob".into(),
+            Value::from(base64::engine::general_purpose::STANDARD.encode(blob)),
+        );
+        fields.insert(
+            "tpm2-pcrs".into(),
+            Value::from(self.pcrs.iter().map(|p| u32::from(*p)).collect::<Vec<_>>()),
+        );
+        fields.insert("tpm2-pcr-bank".into(), Value::from(self.bank_name.clone()));
+        fields.insert("tpm2-primary-alg".into(), Value::from("ecc"));
+        fields.insert("tpm2-policy-hash".into(), Value::from(hex::encode(policy)));
+        fields.insert("tpm2-pin".into(), Value::from(false));
+        fields.insert(
+            PRIMARY_NAME_FIELD.into(),
+            Value::from(hex::encode(primary_name)),
+        );
+        let mut sealed_values = Map::new();
+        for (pcr, value) in values {
+            sealed_values.insert(pcr.to_string(), Value::from(hex::encode(value)));
+        }
+        fields.insert(PCR_VALUES_FIELD.into(), Value::Object(sealed_values));
+        tracing::info!(pcrs = %self.pcr_names(), "KEK secret sealed by the TPM");
+        Ok((secret, SealedKek { fields }))
     }
 
     /// Extends `pcr` of the sha256 bank with `measurement` (32 bytes).

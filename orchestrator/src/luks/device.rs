@@ -114,6 +114,15 @@ pub fn replace_token(device: &Path, id: u32, token: &serde_json::Value) -> crate
     Ok(())
 }
 
+/// Removes token `id` (its keyslot stays).
+pub fn remove_token(device: &Path, id: u32) -> crate::Result<()> {
+    let mut cd = open(device)?;
+    cd.token_handle()
+        .json_set(TokenInput::RemoveToken(id))
+        .with_context(|| format!("cannot remove LUKS2 token {id} of {}", device.display()))?;
+    Ok(())
+}
+
 /// Destroys keyslot `slot` (its key material is wiped). Point of no return for that keyslot.
 pub fn destroy_keyslot(device: &Path, slot: u32) -> crate::Result<()> {
     let mut cd = open(device)?;

@@ -27,13 +27,7 @@ const MAX_KEYSLOTS: u32 = 32;
 
 /// The keyslot an open `enroll-recovery` intent chose, if any.
 pub fn pending_keyslot(journal: &Journal) -> Option<u32> {
-    record::pending(journal, STEP)?
-        .first()?
-        .body
-        .details
-        .get(keys::KEYSLOT)?
-        .as_u64()
-        .and_then(|s| u32::try_from(s).ok())
+    record::pending_keyslot(journal.records(), STEP.name())
 }
 
 /// Keyslots named by a `systemd-recovery` token that exist.
