@@ -200,6 +200,11 @@ fn the_boundary_lists_name_every_failpoint_in_the_source() {
         .chain(CI_BOUNDARIES)
         .map(|(fp, _)| fp.to_string())
         .chain(common::RECOVERY_BOUNDARIES.iter().map(|fp| fp.to_string()))
+        .chain(
+            common::RESEAL_BOUNDARIES
+                .iter()
+                .map(|(fp, _)| fp.to_string()),
+        )
         .collect();
     assert!(in_source.len() >= 12, "{in_source:?}");
     assert_eq!(listed, in_source, "failpoints listed vs defined");

@@ -449,10 +449,58 @@ fn volume_key_change_survives_a_cut_at_every_sync() {
             "8M",
         ],
     );
+    // With a recovery key: on a CI image it is enrolled after the re-encryption, so the
+    // userspace stage's sync points include those of `enroll-recovery` (escrow, keyslot, token).
+    // The escrow file lives on the rig's boot directory only so that the harness's snapshot
+    // restores it with the device (a shipped escrow goes elsewhere).
+    let key = enable_recovery_escrow(&rig);
     rig.run_stage("initramfs");
-    let row = sweep_cryptfs(&rig, "volume-key change", "userspace");
+    let row = sweep(
+        &rig,
+        "volume-key change",
+        "cryptfs (run --stage all)",
+        &["run", "--stage", "userspace"],
+        |rig| {
+            common::cryptfs_recovers(rig)?;
+            recovery_key_opens(rig, &key)
+        },
+    );
     report("fsync_cuts-volume-key-change.md", &[&row, &anchor]);
     assert_rows(&row, &anchor);
+}
+
+/// Turns on `[recovery]` with the escrow file at `boot/escrow/recovery.key`; returns its path.
+fn enable_recovery_escrow(rig: &Rig) -> PathBuf {
+    let key = rig.boot.join("escrow").join("recovery.key");
+    std::fs::create_dir_all(key.parent().expect("parent")).expect("escrow dir");
+    let extra = format!(
+        "[recovery]\nenabled = true\nescrow_file = \"{}\"\n",
+        key.display()
+    );
+    std::fs::write(
+        &rig.config,
+        common::config_text(&rig.device, &rig.boot, &rig.tpm.tcti(), &extra),
+    )
+    .expect("config");
+    key
+}
+
+/// Exactly one recovery keyslot, and the escrowed key opens the volume.
+fn recovery_key_opens(rig: &Rig, key: &Path) -> Result<(), String> {
+    let slots = cryptfs::steps::recovery::recovery_keyslots(&common::luks2(&rig.device));
+    if slots.len() != 1 {
+        return Err(format!("recovery keyslots {slots:?}"));
+    }
+    let out = rig.cryptfs(&[
+        "unlock",
+        "--test",
+        "--recovery-key-file",
+        &key.display().to_string(),
+    ]);
+    if !out.status.success() {
+        return Err("the escrowed recovery key does not open the volume".into());
+    }
+    Ok(())
 }
 
 /// What a reseal cut left, checked: the volume still unlocks at the cut (no moment without an
@@ -536,6 +584,7 @@ fn reseal_recovers(rig: &Rig, original_blob: &str) -> Result<&'static str, Strin
 fn reseal_survives_a_cut_at_every_sync() {
     let rig = Rig::new(Image::Ci, SIZE_MIB);
     rig.tpm.extend_pcr7();
+    let key = enable_recovery_escrow(&rig);
     rig.run_stage("all");
     let original_blob = common::luks2(&rig.device)
         .tokens
@@ -551,6 +600,7 @@ fn reseal_survives_a_cut_at_every_sync() {
         &["reseal"],
         |rig| {
             let how = reseal_recovers(rig, &original_blob)?;
+            recovery_key_opens(rig, &key)?;
             *resolved.entry(how).or_default() += 1;
             Ok(())
         },

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -343,4 +344,49 @@ fn reseal_after_the_boot_phase_lock_uses_the_keyring_and_the_next_boot_unlocks()
     let next = rig.cryptfs_env(&["unlock", "--test"], &[("CRYPTFS_BOOT_ID", "next-boot")]);
     ok(&next, "the next boot unlocks with the resealed token");
     systemd_unlocks(&rig).expect("systemd unlocks the resealed token in the initramfs");
+}
+
+/// A crash (the failpoint's abort, as a power cut) at each step boundary of a reseal: the
+/// volume still unlocks at the crash, and the next reseal resolves the interrupted one the
+/// way its boundary implies (rolled back before the proof, completed after) and finishes.
+#[test]
+fn a_crash_at_every_reseal_boundary_keeps_an_unlock_path_and_the_next_reseal_resolves_it() {
+    let (rig, _) = provisioned(false, false);
+    let original = tpm2_tokens(&rig.device);
+    let snap = rig.dir.path().join("snapshot");
+    std::fs::create_dir_all(&snap).expect("snapshot dir");
+    std::fs::copy(&rig.device, snap.join("root.img")).expect("snapshot image");
+    common::copy_tree(&rig.boot, &snap.join("boot"));
+    let mut cut = 0;
+    for (failpoint, resolution) in common::RESEAL_BOUNDARIES {
+        std::fs::copy(snap.join("root.img"), &rig.device).expect("restore image");
+        common::copy_tree(&snap.join("boot"), &rig.boot);
+        let crashed = rig.cryptfs_env(&["reseal"], &[("CRYPTFS_FAILPOINT", failpoint)]);
+        let stderr = String::from_utf8_lossy(&crashed.stderr);
+        assert!(
+            crashed.status.signal() == Some(libc::SIGABRT)
+                && stderr.contains(&format!("failpoint {failpoint} hit")),
+            "{failpoint}: no crash there: {stderr}"
+        );
+        cut += 1;
+        ok(
+            &rig.cryptfs(&["unlock", "--test"]),
+            &format!("unlock after a crash at {failpoint}"),
+        );
+        let again = ok(&rig.cryptfs(&["reseal"]), "reseal after the crash");
+        assert!(
+            again.contains(&format!("was {resolution}")),
+            "{failpoint}: expected {resolution}: {again}"
+        );
+        let now = tpm2_tokens(&rig.device);
+        assert_eq!(now.len(), 1, "{failpoint}: {now:?}");
+        assert_ne!(now[0].2, original[0].2, "{failpoint}: not resealed");
+        assert_no_orphan_keyslot(&rig.device);
+        ok(
+            &rig.cryptfs(&["unlock", "--test"]),
+            "unlock after the resume",
+        );
+        assert_backup_current(&rig);
+    }
+    assert_eq!(cut, common::RESEAL_BOUNDARIES.len(), "every boundary cut");
 }

@@ -177,3 +177,78 @@ pub fn changed_pcrs(policy: &TokenPolicy) -> Option<String> {
         .collect();
     (!changed.is_empty()).then(|| format!("PCR {}", changed.join("+")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use serde_json::{json, Map, Value};
+
+    /// A token whose blob's public area is no TPM structure (so the policy comes from
+    /// `tpm2-policy-hash`), sealed to `sealed` for `pcrs`.
+    fn token(pcrs: &[u8], sealed: &[(u8, Vec<u8>)]) -> SealedKek {
+        let blob = [0u8, 2, 1, 1, 0, 2, 9, 9];
+        let policy = policy_pcr_digest("sha256", sealed).expect("digest");
+        let mut values = Map::new();
+        for (pcr, v) in sealed {
+            values.insert(pcr.to_string(), Value::from(hex::encode(v)));
+        }
+        let mut fields = Map::new();
+        fields.insert(
+            "tpm2-blob".into(),
+            Value::from(base64::engine::general_purpose::STANDARD.encode(blob)),
+        );
+        fields.insert("tpm2-pcrs".into(), json!(pcrs));
+        fields.insert("tpm2-pcr-bank".into(), json!("sha256"));
+        fields.insert("tpm2-policy-hash".into(), json!(hex::encode(policy)));
+        fields.insert(
+            crate::kek::tpm2::PCR_VALUES_FIELD.into(),
+            Value::Object(values),
+        );
+        SealedKek { fields }
+    }
+
+    fn boot(values: &[(u8, Vec<u8>)], pre_lock: Option<(u8, Vec<u8>)>) -> BootPcrs {
+        BootPcrs {
+            current: values
+                .iter()
+                .map(|(p, v)| (("sha256".to_string(), *p), v.clone()))
+                .collect(),
+            pre_lock,
+        }
+    }
+
+    #[test]
+    fn a_token_matches_the_values_it_was_sealed_to_and_names_the_pcr_that_changed() {
+        let sealed = token(&[7], &[(7, vec![1; 32])]);
+        let same = judge(0, &sealed, &boot(&[(7, vec![1; 32])], None));
+        assert_eq!(same.unseals, Some(true), "{same:?}");
+        assert_eq!(same.pcrs[0].changed, Some(false));
+        assert_eq!(changed_pcrs(&same), None);
+        let moved = judge(0, &sealed, &boot(&[(7, vec![2; 32])], None));
+        assert_eq!(moved.unseals, Some(false));
+        assert_eq!(moved.pcrs[0].changed, Some(true));
+        assert_eq!(changed_pcrs(&moved).as_deref(), Some("PCR 7"));
+    }
+
+    #[test]
+    fn after_the_lock_the_lock_pcr_is_judged_at_its_pre_lock_value() {
+        let sealed = token(&[7, 15], &[(7, vec![1; 32]), (15, vec![0; 32])]);
+        let locked_now = [(7, vec![1; 32]), (15, vec![5; 32])];
+        let without = judge(0, &sealed, &boot(&locked_now, None));
+        assert_eq!(without.unseals, Some(false));
+        let with = judge(0, &sealed, &boot(&locked_now, Some((15, vec![0; 32]))));
+        assert_eq!(with.unseals, Some(true), "{with:?}");
+    }
+
+    #[test]
+    fn a_missing_pcr_value_or_a_broken_token_is_reported_not_guessed() {
+        let sealed = token(&[7], &[(7, vec![1; 32])]);
+        let none = judge(0, &sealed, &boot(&[], None));
+        assert_eq!(none.unseals, None);
+        assert!(none.error.is_some());
+        let broken = SealedKek { fields: Map::new() };
+        let judged = judge(3, &broken, &boot(&[], None));
+        assert!(judged.error.is_some() && judged.unseals.is_none());
+    }
+}

@@ -24,6 +24,16 @@ pub const RECOVERY_BOUNDARIES: &[&str] = &[
     "enroll-recovery:after-token",
 ];
 
+/// The failpoints of `cryptfs reseal`, each with how the next reseal resolves a crash there:
+/// before the new pair is proven it is rolled back, after it the removal is completed.
+pub const RESEAL_BOUNDARIES: &[(&str, &str)] = &[
+    ("reseal:after-intent", "rolled back"),
+    ("reseal:after-keyslot", "rolled back"),
+    ("reseal:after-token", "rolled back"),
+    ("reseal:after-proven", "completed"),
+    ("reseal:after-destroy-keyslot", "completed"),
+];
+
 /// A software TPM on a free loopback port, killed on drop.
 pub struct Swtpm {
     child: Child,

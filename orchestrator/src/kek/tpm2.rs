@@ -220,37 +220,32 @@ impl Tpm2Token {
                 bail!("{PRIMARY_NAME_FIELD} of the systemd-tpm2 token is not a TPM name in hex")
             }
         };
-        let policy_hash = match fields.get("tpm2-policy-hash") {
-            None => None,
-            Some(Value::String(text)) if text.len() <= 2 * MAX_DIGEST_BYTES => {
-                Some(hex::decode(text).map_err(|_| {
-                    anyhow!("tpm2-policy-hash of the systemd-tpm2 token is not hex")
-                })?)
-            }
-            Some(_) => bail!("tpm2-policy-hash of the systemd-tpm2 token is not a digest in hex"),
-        };
-        let sealed_values = match fields.get(PCR_VALUES_FIELD) {
-            None => None,
-            Some(Value::Object(map)) if map.len() <= usize::from(MAX_PCR) + 1 => {
-                let mut values = Vec::with_capacity(map.len());
-                for (key, value) in map {
-                    let pcr = key
-                        .parse::<u8>()
-                        .ok()
-                        .filter(|p| *p <= MAX_PCR)
-                        .ok_or_else(|| anyhow!("{PCR_VALUES_FIELD}: {key:.8?} is no PCR"))?;
-                    let value = value
-                        .as_str()
-                        .filter(|v| v.len() <= 2 * MAX_DIGEST_BYTES)
-                        .and_then(|v| hex::decode(v).ok())
-                        .ok_or_else(|| anyhow!("{PCR_VALUES_FIELD}: PCR {pcr} is not hex"))?;
-                    values.push((pcr, value));
-                }
+        // Neither field is needed to unseal (the TPM checks the policy): a malformed one is
+        // ignored rather than making the token unusable, and bounded before it is decoded.
+        let policy_hash = fields
+            .get("tpm2-policy-hash")
+            .and_then(Value::as_str)
+            .filter(|text| text.len() <= 2 * MAX_DIGEST_BYTES)
+            .and_then(|text| hex::decode(text).ok());
+        let sealed_values = fields
+            .get(PCR_VALUES_FIELD)
+            .and_then(Value::as_object)
+            .filter(|map| map.len() <= usize::from(MAX_PCR) + 1)
+            .and_then(|map| {
+                let mut values = map
+                    .iter()
+                    .map(|(key, value)| {
+                        let pcr = key.parse::<u8>().ok().filter(|p| *p <= MAX_PCR)?;
+                        let value = value
+                            .as_str()
+                            .filter(|v| v.len() <= 2 * MAX_DIGEST_BYTES)
+                            .and_then(|v| hex::decode(v).ok())?;
+                        Some((pcr, value))
+                    })
+                    .collect::<Option<Vec<_>>>()?;
                 values.sort_by_key(|(p, _)| *p);
                 Some(values)
-            }
-            Some(_) => bail!("{PCR_VALUES_FIELD} of the systemd-tpm2 token is not a PCR map"),
-        };
+            });
         Ok(Tpm2Token {
             blob,
             pcrs,
