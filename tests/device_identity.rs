@@ -51,7 +51,8 @@ fn interrupt_first_boot(rig: &Rig) {
     );
     assert!(
         rig.config().temp_header_path().exists(),
-        "the interruption left the prepared header behind"
+        "the interruption left the prepared header behind; the run said: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
