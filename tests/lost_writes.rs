@@ -11,321 +11,13 @@
 //! The tables are written to `design/results/lost_writes-*.md`.
 
 mod common;
+#[path = "writelog/mod.rs"]
+mod writelog;
 
-use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, UNIX_EPOCH};
+use std::path::Path;
 
 use common::{Image, Rig};
-use fuser::{
-    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyWrite, Request,
-};
-use rand::{Rng, SeedableRng};
-
-const TTL: Duration = Duration::from_secs(0);
-const DISK_INO: u64 = 2;
-
-#[derive(Clone)]
-enum Event {
-    Write { offset: u64, data: Vec<u8> },
-    Resize(u64),
-    Sync,
-}
-
-struct Shared {
-    data: Vec<u8>,
-    log: Vec<Event>,
-    boot: PathBuf,
-    snapshots: PathBuf,
-    syncs: usize,
-}
-
-struct LoggingDisk(Arc<Mutex<Shared>>);
-
-fn attr(ino: u64, size: u64) -> FileAttr {
-    FileAttr {
-        ino,
-        size,
-        blocks: size.div_ceil(512),
-        atime: UNIX_EPOCH,
-        mtime: UNIX_EPOCH,
-        ctime: UNIX_EPOCH,
-        crtime: UNIX_EPOCH,
-        kind: if ino == 1 {
-            FileType::Directory
-        } else {
-            FileType::RegularFile
-        },
-        perm: if ino == 1 { 0o755 } else { 0o600 },
-        nlink: if ino == 1 { 2 } else { 1 },
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        blksize: 4096,
-        flags: 0,
-    }
-}
-
-impl Filesystem for LoggingDisk {
-    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        if parent == 1 && name == "disk" {
-            let size = self.0.lock().expect("lock").data.len() as u64;
-            reply.entry(&TTL, &attr(DISK_INO, size), 0);
-        } else {
-            reply.error(libc::ENOENT);
-        }
-    }
-
-    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
-        let size = self.0.lock().expect("lock").data.len() as u64;
-        reply.attr(&TTL, &attr(ino, if ino == 1 { 0 } else { size }));
-    }
-
-    fn setattr(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        size: Option<u64>,
-        _atime: Option<fuser::TimeOrNow>,
-        _mtime: Option<fuser::TimeOrNow>,
-        _ctime: Option<std::time::SystemTime>,
-        _fh: Option<u64>,
-        _crtime: Option<std::time::SystemTime>,
-        _chgtime: Option<std::time::SystemTime>,
-        _bkuptime: Option<std::time::SystemTime>,
-        _flags: Option<u32>,
-        reply: ReplyAttr,
-    ) {
-        let mut s = self.0.lock().expect("lock");
-        if let Some(size) = size {
-            s.data.resize(size as usize, 0);
-            s.log.push(Event::Resize(size));
-        }
-        let len = s.data.len() as u64;
-        reply.attr(&TTL, &attr(ino, len));
-    }
-
-    fn open(&mut self, _req: &Request<'_>, _ino: u64, _flags: i32, reply: ReplyOpen) {
-        // Direct I/O: every write reaches us, in program order, nothing is cached in between.
-        reply.opened(0, fuser::consts::FOPEN_DIRECT_IO);
-    }
-
-    fn read(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        _fh: u64,
-        offset: i64,
-        size: u32,
-        _flags: i32,
-        _lock: Option<u64>,
-        reply: ReplyData,
-    ) {
-        let s = self.0.lock().expect("lock");
-        let start = (offset as usize).min(s.data.len());
-        let end = (start + size as usize).min(s.data.len());
-        reply.data(&s.data[start..end]);
-    }
-
-    fn write(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        _fh: u64,
-        offset: i64,
-        data: &[u8],
-        _wf: u32,
-        _flags: i32,
-        _lock: Option<u64>,
-        reply: ReplyWrite,
-    ) {
-        let mut s = self.0.lock().expect("lock");
-        let end = offset as usize + data.len();
-        if s.data.len() < end {
-            s.data.resize(end, 0);
-        }
-        s.data[offset as usize..end].copy_from_slice(data);
-        s.log.push(Event::Write {
-            offset: offset as u64,
-            data: data.to_vec(),
-        });
-        reply.written(data.len() as u32);
-    }
-
-    fn flush(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _lock: u64, reply: ReplyEmpty) {
-        reply.ok();
-    }
-
-    fn fsync(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        _fh: u64,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        let mut s = self.0.lock().expect("lock");
-        s.syncs += 1;
-        // The boot directory as the process had it when it asked for this sync.
-        let snap = s.snapshots.join(s.syncs.to_string());
-        common::copy_tree(&s.boot, &snap);
-        s.log.push(Event::Sync);
-        reply.ok();
-    }
-
-    fn readdir(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
-        mut reply: ReplyDirectory,
-    ) {
-        if ino != 1 {
-            reply.error(libc::ENOTDIR);
-            return;
-        }
-        let entries = [
-            (1, FileType::Directory, "."),
-            (1, FileType::Directory, ".."),
-            (DISK_INO, FileType::RegularFile, "disk"),
-        ];
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(*ino, (i + 1) as i64, *kind, name) {
-                break;
-            }
-        }
-        reply.ok();
-    }
-}
-
-fn apply(image: &mut Vec<u8>, event: &Event) {
-    match event {
-        Event::Write { offset, data } => {
-            let end = *offset as usize + data.len();
-            if image.len() < end {
-                image.resize(end, 0);
-            }
-            image[*offset as usize..end].copy_from_slice(data);
-        }
-        Event::Resize(size) => image.resize(*size as usize, 0),
-        Event::Sync => {}
-    }
-}
-
-/// One operation run with its device behind the write log.
-struct Logged {
-    initial: Vec<u8>,
-    log: Vec<Event>,
-    syncs: usize,
-    /// Boot directory at sync k is `snapshots/k`; after the run, `snapshots/final`.
-    snapshots: PathBuf,
-}
-
-impl Logged {
-    fn writes(&self) -> usize {
-        self.log
-            .iter()
-            .filter(|e| !matches!(e, Event::Sync))
-            .count()
-    }
-
-    /// Every sampled crash state: (epoch k, device image, boot directory of that state).
-    /// Epoch k holds everything before sync k (k = 0: nothing), alone and with a seeded random
-    /// half of what follows it up to sync k+1.
-    /// With `only_partial`, the "nothing after sync k" states are left out: a kill at every
-    /// sync (tests/fsync_cuts.rs) already produces exactly those.
-    fn for_each_state(&self, only_partial: bool, mut f: impl FnMut(usize, &[u8], &Path)) {
-        let sync_positions: Vec<usize> = self
-            .log
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| matches!(e, Event::Sync))
-            .map(|(i, _)| i)
-            .collect();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-        for k in 0..=self.syncs {
-            let start = if k == 0 { 0 } else { sync_positions[k - 1] + 1 };
-            let end = sync_positions.get(k).copied().unwrap_or(self.log.len());
-            let boot = if k < self.syncs {
-                self.snapshots.join((k + 1).to_string())
-            } else {
-                self.snapshots.join("final")
-            };
-            let tail = &self.log[start..end];
-            let mut variants: Vec<Vec<bool>> = Vec::new();
-            if !only_partial || tail.len() <= 1 {
-                variants.push(vec![false; tail.len()]);
-            }
-            if tail.len() > 1 {
-                variants.push((0..tail.len()).map(|_| rng.gen_bool(0.5)).collect());
-            }
-            for keep in variants {
-                let mut image = self.initial.clone();
-                for e in &self.log[..start] {
-                    apply(&mut image, e);
-                }
-                for (e, kept) in tail.iter().zip(&keep) {
-                    if *kept {
-                        apply(&mut image, e);
-                    }
-                }
-                f(k, &image, &boot);
-            }
-        }
-    }
-}
-
-/// Runs `run(path of the logged device)` with a copy of `device` behind the write log, taking
-/// snapshots of `boot` at every sync. `None` (with a message) where FUSE cannot mount.
-fn log_run(work: &Path, device: &Path, boot: &Path, run: impl FnOnce(&Path)) -> Option<Logged> {
-    let initial = std::fs::read(device).expect("image");
-    let mnt = work.join("mnt");
-    let snapshots = work.join("boot-at-sync");
-    std::fs::create_dir_all(&mnt).expect("mnt");
-    std::fs::create_dir_all(&snapshots).expect("snapshots");
-    std::fs::create_dir_all(boot).expect("boot");
-    let shared = Arc::new(Mutex::new(Shared {
-        data: initial.clone(),
-        log: Vec::new(),
-        boot: boot.to_path_buf(),
-        snapshots: snapshots.clone(),
-        syncs: 0,
-    }));
-    let session = match fuser::spawn_mount2(
-        LoggingDisk(shared.clone()),
-        &mnt,
-        &[
-            MountOption::FSName("cryptfs-write-log".into()),
-            MountOption::RW,
-        ],
-    ) {
-        Ok(s) => s,
-        Err(e) => {
-            let why =
-                format!("FUSE cannot mount here ({e}); install fuse3 and load the fuse module");
-            // Zero crash states prove nothing: in CI the skip is a failure.
-            assert!(!common::under_ci(), "CI=true and {why}");
-            eprintln!("SKIPPED: {why}");
-            return None;
-        }
-    };
-    run(&mnt.join("disk"));
-    drop(session);
-    common::copy_tree(boot, &snapshots.join("final"));
-    let s = shared.lock().expect("lock");
-    Some(Logged {
-        initial,
-        log: s.log.clone(),
-        syncs: s.syncs,
-        snapshots,
-    })
-}
+use writelog::{log_run, Logged};
 
 /// Per-phase tally of sampled states.
 #[derive(Default)]
@@ -372,7 +64,7 @@ fn report(file: &str, table: &str) {
 /// Runs `stage` of the rig's configuration with the device behind the write log.
 fn log_cryptfs(rig: &Rig, stage: &str) -> Option<Logged> {
     let work = rig.dir.path().join(format!("log-{stage}"));
-    log_run(&work, &rig.device, &rig.boot, |disk| {
+    log_run(&work, &rig.device, Some(&rig.boot), |disk| {
         let config = work.join("fuse.toml");
         std::fs::write(
             &config,
@@ -390,6 +82,7 @@ fn log_cryptfs(rig: &Rig, stage: &str) -> Option<Logged> {
             String::from_utf8_lossy(&out.stderr)
         );
     })
+    .map(|(logged, ())| logged)
 }
 
 #[test]
@@ -471,7 +164,7 @@ fn volume_key_change_recovers_from_lost_unflushed_writes() {
     let anchor_log = log_run(
         &anchor_dir,
         &anchor_img,
-        &anchor_dir.join("unused"),
+        Some(&anchor_dir.join("unused")),
         |disk| {
             common::run(
                 "cryptsetup",
@@ -492,7 +185,7 @@ fn volume_key_change_recovers_from_lost_unflushed_writes() {
             );
         },
     );
-    let Some(anchor_log) = anchor_log else {
+    let Some((anchor_log, ())) = anchor_log else {
         return;
     };
     anchor_log.for_each_state(true, |k, image, _| {

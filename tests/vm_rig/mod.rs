@@ -610,6 +610,9 @@ pub struct BootOptions {
     /// Stop the userspace service (SIGTERM) this many seconds after it started, then start it
     /// again, as a restart does.
     pub restart_service_after: Option<u32>,
+    /// Give QEMU this file as the disk instead of the disk's image (the write log's FUSE file,
+    /// tests/writelog): same bytes, every write and flush of the guest logged. `None`: the image.
+    pub drive: Option<PathBuf>,
 }
 
 impl Default for BootOptions {
@@ -622,6 +625,7 @@ impl Default for BootOptions {
             cut_delay: Duration::ZERO,
             cut_fraction: None,
             restart_service_after: None,
+            drive: None,
         }
     }
 }
@@ -634,6 +638,9 @@ pub struct Boot {
     pub cut: bool,
     /// Wall time of the boot.
     pub elapsed: Duration,
+    /// When the host received each line of `lines` (to place console events among the write
+    /// log's flushes).
+    pub line_times: Vec<Instant>,
 }
 
 impl Boot {
@@ -763,7 +770,7 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
         "-drive".into(),
         format!(
             "file={},format=raw,if=virtio,cache=writeback",
-            disk.path.display()
+            opts.drive.as_deref().unwrap_or(&disk.path).display()
         ),
     ]);
     if opts.tpm {
@@ -802,6 +809,7 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut lines = Vec::new();
+    let mut line_times = Vec::new();
     let mut cut = false;
     let mut cut_at: Option<Instant> = None;
     let mut matches: Vec<Instant> = Vec::new();
@@ -838,6 +846,7 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
                     };
                 }
                 lines.push(line);
+                line_times.push(Instant::now());
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
@@ -857,5 +866,6 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
         lines,
         cut,
         elapsed: started.elapsed(),
+        line_times,
     }
 }

@@ -224,20 +224,24 @@ fn test() -> Result<()> {
 
 /// The QEMU boot scenarios: two VMs at a time at most (one per test thread), figures printed.
 fn vm(filter: Option<&str>) -> Result<()> {
-    let mut args = vec![
-        "test",
-        "--package",
-        "cryptfs",
-        "--all-features",
-        "--test",
-        "vm",
-        "--",
-        "--nocapture",
-        "--test-threads",
-        "2",
-    ];
-    args.extend(filter);
-    sh::run("cargo", &args)
+    // The boot scenarios, then the lost-write states (tests/vm_lost_writes.rs).
+    for test in ["vm", "vm_lost_writes"] {
+        let mut args = vec![
+            "test",
+            "--package",
+            "cryptfs",
+            "--all-features",
+            "--test",
+            test,
+            "--",
+            "--nocapture",
+            "--test-threads",
+            "2",
+        ];
+        args.extend(filter);
+        sh::run("cargo", &args)?;
+    }
+    Ok(())
 }
 
 /// The cargo-fuzz targets in `fuzz/`, one per kind of hostile input.

@@ -182,9 +182,26 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 
+/// The in-place encryption's temporary header with its metadata, when it is still there
+/// although the journal has that step done: a power cut lost its removal after the step had
+/// taken effect (the next boot reconciled the step from the device). Ours then, no longer
+/// needed (the device's header is complete), and it holds half of a 32 MiB boot partition, which
+/// the backup needs. Found by tests/vm_lost_writes.rs.
+fn stale_in_place_header(ctx: &StepContext<'_>) -> Option<(PathBuf, std::fs::Metadata)> {
+    let journal = ctx.rec.journal();
+    if record::pending(journal, Step::EncryptInPlace).is_some()
+        || record::last_done(journal, Step::EncryptInPlace).is_none()
+    {
+        return None;
+    }
+    let path = ctx.config.temp_header_path();
+    let meta = std::fs::symlink_metadata(&path).ok()?;
+    meta.is_file().then_some((path, meta))
+}
+
 /// Decides where the backup goes, or says exactly what space is missing. `free` is what the
-/// boot partition has free, `reclaimable` what cryptfs's own leftover `luks.bin.tmp` holds
-/// (removed first), `need` what the new file takes.
+/// boot partition has free, `reclaimable` what cryptfs's own leftovers (`luks.bin.tmp`, a
+/// finished in-place encryption's temporary header) hold (removed first), `need` what the new file takes.
 pub fn plan_room(
     dir: &Path,
     target: &Path,
@@ -316,6 +333,7 @@ pub fn run(ctx: &mut StepContext<'_>) -> crate::Result<()> {
         record::backup_digest(ctx.rec.journal()).as_deref(),
     )?;
     let leftover = std::fs::symlink_metadata(&temp).ok();
+    let stale_in_place = stale_in_place_header(ctx);
     let mut plan = None;
     if !matches!(existing, Existing::MatchesDevice { .. }) {
         let space = fs_space(&dir)?;
@@ -326,7 +344,8 @@ pub fn run(ctx: &mut StepContext<'_>) -> crate::Result<()> {
             );
         }
         let need = round_up(area, space.block)?;
-        let reclaimable = leftover.as_ref().map_or(0, allocated);
+        let reclaimable = leftover.as_ref().map_or(0, allocated)
+            + stale_in_place.as_ref().map_or(0, |(_, m)| allocated(m));
         let room = plan_room(&dir, &target, space.free, reclaimable, need, &existing)
             .map_err(|message| anyhow!(message))?;
         plan = Some((room, need));
@@ -341,6 +360,16 @@ pub fn run(ctx: &mut StepContext<'_>) -> crate::Result<()> {
         // Ours: a write that a power cut interrupted before its rename.
         std::fs::remove_file(&temp)
             .with_context(|| format!("cannot remove the leftover {}", temp.display()))?;
+    }
+    if let Some((path, _)) = &stale_in_place {
+        tracing::info!(
+            path = %path.display(),
+            "removing the temporary header of the finished in-place encryption (a power cut \
+             lost its removal)"
+        );
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the leftover {}", path.display()))?;
+        sync_path(&dir)?;
     }
     let digest = match (existing, plan) {
         (Existing::MatchesDevice { digest }, _) => {

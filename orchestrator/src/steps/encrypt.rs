@@ -313,6 +313,11 @@ fn finish(ctx: &mut StepContext<'_>) -> crate::Result<()> {
     if temp_header.exists() {
         std::fs::remove_file(&temp_header)
             .with_context(|| format!("cannot remove {}", temp_header.display()))?;
+        // The removal durable before the step is journaled done (a lost removal is cleaned up
+        // by backup-header too: the step can also be reconciled from the device).
+        if let Some(dir) = temp_header.parent() {
+            sync_path(dir)?;
+        }
     }
     ctx.rec.done(
         STEP,
