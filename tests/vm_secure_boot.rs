@@ -458,6 +458,14 @@ fn vm_dbx_update_unplanned_recovery_key_then_reseal() {
     for (b, what) in [(&first, "first"), (&rescue, "rescue"), (&third, "third")] {
         assert_no_secret(b, &key, what);
     }
+    // Nor in the journal the reseal wrote on the boot partition.
+    let journal = disk
+        .read_boot_file("/cryptfs/journal.redb")
+        .expect("the journal on the boot partition");
+    assert!(
+        !journal.windows(key.len()).any(|w| w == key.as_slice()),
+        "the recovery key is in the journal"
+    );
     assert_eq!(disk.boots, 3);
     let boots = [
         ("provisioning boot", &first),

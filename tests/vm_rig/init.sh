@@ -44,18 +44,6 @@ boot_no=$(arg cryptfs.vm.boot)
 # libcryptsetup's own debug log on the console, when a test asks for it.
 [ "$(arg cryptfs.vm.debug)" = 1 ] && export CRYPTFS_CRYPTSETUP_DEBUG=1
 cp "/etc/cryptfs/$(arg cryptfs.vm.config).toml" /etc/cryptfs/cryptfs.toml
-if [ -d /sys/firmware/efi ]; then
-	# A UEFI boot: what the firmware says about Secure Boot, and the PCR 7 it measured.
-	modprobe efivarfs
-	mount -t efivarfs efivarfs /sys/firmware/efi/efivars
-	# The 4-byte attribute word, then the value (efivarfs files do not seek: read them whole).
-	efivar() {
-		# shellcheck disable=SC2046
-		set -- $(od -An -tu1 "/sys/firmware/efi/efivars/$1-8be4df61-93ca-11d2-aa0d-00e098032b8c" 2>/dev/null)
-		echo "$5"
-	}
-	mark "uefi secureboot=$(efivar SecureBoot) setupmode=$(efivar SetupMode) pcr7=$(cat /sys/class/tpm/tpm0/pcr-sha256/7)"
-fi
 if [ "$(arg cryptfs.vm.extend_pcr7)" = 1 ]; then
 	# What a firmware or secure-boot database update does to PCR 7.
 	tpm2_pcrextend "7:sha256=$(printf '%064d' 7)" && mark "pcr7-extended"
@@ -70,6 +58,18 @@ fatal() {
 	finish
 }
 . /init.d/85-cryptfs
+if [ -d /sys/firmware/efi ]; then
+	# A UEFI boot: what the firmware says about Secure Boot, and the PCR 7 it measured.
+	# Mounted by the module's own function (cryptfs_run calls it again and finds it mounted).
+	cryptfs_mount_efivarfs
+	# The 4-byte attribute word, then the value (efivarfs files do not seek: read them whole).
+	efivar() {
+		# shellcheck disable=SC2046
+		set -- $(od -An -tu1 "/sys/firmware/efi/efivars/$1-8be4df61-93ca-11d2-aa0d-00e098032b8c" 2>/dev/null)
+		echo "$5"
+	}
+	mark "uefi secureboot=$(efivar SecureBoot) setupmode=$(efivar SetupMode) pcr7=$(cat /sys/class/tpm/tpm0/pcr-sha256/7)"
+fi
 cryptfs_enabled || fatal "cryptfs module not enabled"
 # A rescue boot (cryptfs.vm.rescue=1): the module's path first; when it refuses, the recovery
 # key the host hands over fw_cfg opens the volume and reseals it to this boot's PCRs.

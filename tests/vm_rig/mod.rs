@@ -7,6 +7,9 @@
 //! initramfs-framework module and `init.sh`. A disk has an MBR with a boot partition (ext4,
 //! label `boot`) and a root partition (label `otaroot`). The guest reports `CRYPTFS-VM:` lines
 //! on the serial console.
+//!
+//! `BootOptions::firmware` boots through UEFI instead (OVMF with Secure Boot on or off, a signed
+//! UKI on an ESP disk, per-boot arguments over fw_cfg): see [`Firmware`] and design/boot.md.
 
 #![allow(dead_code)]
 
