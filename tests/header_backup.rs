@@ -216,3 +216,36 @@ fn a_boot_partition_too_small_for_the_backup_is_reported_before_anything_is_writ
     assert_eq!(backup_records(&s, "failed").len(), 1);
     drop(boot);
 }
+
+/// `cryptfs reseal` on the reference's 32 MiB boot partition after in-place encryption (a
+/// 16 MiB header): no room for a second backup beside the first, so the superseded one makes
+/// room, and the new `luks.bin` is the device's header (found by the Secure Boot VM tier, whose
+/// reseal stopped there).
+#[test]
+fn reseal_refreshes_the_backup_on_a_32_mib_boot_partition() {
+    let rig = Rig::new(Image::Plain, 128);
+    let boot = Tmpfs::mount(&rig.boot, 32);
+    rig.run_stage("all");
+    assert_eq!(rig.status()["state"], "header-backed-up");
+    let before = std::fs::read(rig.config().backup_path()).expect("luks.bin");
+    assert!(
+        boot.free() < before.len() as u64,
+        "the test needs a partition without room for a second backup: {} free",
+        boot.free()
+    );
+    let out = rig.cryptfs(&["reseal"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("header backup written again"));
+    let status = rig.status();
+    assert_eq!(status["header_backup"]["digest_ok"], true, "{status:#}");
+    assert_eq!(status["state"], "header-backed-up");
+    assert_ne!(
+        std::fs::read(rig.config().backup_path()).expect("luks.bin"),
+        before
+    );
+    assert_eq!(
+        common::file_blake3(&rig.config().backup_path()),
+        device_header_blake3(&rig),
+        "luks.bin is the header as it is now"
+    );
+}

@@ -544,7 +544,7 @@ fn refresh_backup(
         stage: Stage::Userspace,
         state,
     };
-    steps::backup::run(&mut ctx).context("the header backup could not be refreshed")?;
+    steps::backup::run_superseding(&mut ctx).context("the header backup could not be refreshed")?;
     Ok(true)
 }
 

@@ -29,7 +29,12 @@ finish() {
 	mark "end"
 	poweroff -f
 }
-arg() { tr ' ' '\n' </proc/cmdline | sed -n "s/^$1=//p"; }
+# A firmware boot's arguments come over fw_cfg: its signed UKI's command line is fixed.
+modprobe qemu_fw_cfg 2>/dev/null
+fw_cfg=/sys/firmware/qemu_fw_cfg/by_name
+args_file=/proc/cmdline
+[ -f "$fw_cfg/opt/cryptfs/args/raw" ] && args_file=$fw_cfg/opt/cryptfs/args/raw
+arg() { tr ' ' '\n' <"$args_file" | sed -n "s/^$1=//p"; }
 
 for m in virtio_pci virtio_blk dm_mod dm_crypt xts aesni_intel; do
 	modprobe "$m" || mark "modprobe $m failed"
@@ -57,8 +62,52 @@ fatal() {
 	finish
 }
 . /init.d/85-cryptfs
+if [ -d /sys/firmware/efi ]; then
+	# A UEFI boot: what the firmware says about Secure Boot, and the PCR 7 it measured.
+	# Mounted by the module's own function (cryptfs_run calls it again and finds it mounted).
+	cryptfs_mount_efivarfs
+	# The 4-byte attribute word, then the value (efivarfs files do not seek: read them whole).
+	efivar() {
+		# shellcheck disable=SC2046
+		set -- $(od -An -tu1 "/sys/firmware/efi/efivars/$1-8be4df61-93ca-11d2-aa0d-00e098032b8c" 2>/dev/null)
+		echo "$5"
+	}
+	mark "uefi secureboot=$(efivar SecureBoot) setupmode=$(efivar SetupMode) pcr7=$(cat /sys/class/tpm/tpm0/pcr-sha256/7)"
+fi
 cryptfs_enabled || fatal "cryptfs module not enabled"
-cryptfs_run
+# A rescue boot (cryptfs.vm.rescue=1): the module's path first; when it refuses, the recovery
+# key the host hands over fw_cfg opens the volume and reseals it to this boot's PCRs.
+rescue() {
+	key=$fw_cfg/opt/cryptfs/recovery-key/raw
+	[ -f "$key" ] || fatal "rescue boot without a recovery key"
+	cryptfs_mount_boot || fatal "cannot mount the boot partition"
+	/usr/bin/cryptfs status --config /etc/cryptfs/cryptfs.toml
+	(umask 077 && cat "$key" >/run/recovery.key)
+	bootparam_root=$(/usr/bin/cryptfs unlock --device-path --recovery-key-file /run/recovery.key --config /etc/cryptfs/cryptfs.toml) ||
+		fatal "the recovery key did not open the volume"
+	mark "unlocked-with-recovery-key"
+	/usr/bin/cryptfs reseal --recovery-key-file /run/recovery.key --config /etc/cryptfs/cryptfs.toml ||
+		fatal "reseal with the recovery key failed"
+	mark "resealed"
+	rm -f /run/recovery.key
+	cryptfs_umount_boot
+}
+if [ "$(arg cryptfs.vm.rescue)" = 1 ]; then
+	if (
+		fatal() {
+			echo "$@"
+			mark "refused $*"
+			exit 1
+		}
+		cryptfs_run && echo "$bootparam_root" >/run/root-dev
+	); then
+		bootparam_root=$(cat /run/root-dev)
+	else
+		rescue
+	fi
+else
+	cryptfs_run
+fi
 # What the framework's rootfs module does with the handed-over root.
 mount -t ext4 "$bootparam_root" "$ROOTFS_DIR" || fatal "cannot mount $bootparam_root"
 mark "mounted uptime=$(cut -d' ' -f1 /proc/uptime)"
@@ -66,6 +115,38 @@ mark "mounted uptime=$(cut -d' ' -f1 /proc/uptime)"
 # fstab (the unit's RequiresMountsFor=), and so does the rig.
 grep -q " /boot " /proc/mounts && mark "boot-left-mounted"
 mount "$(findfs LABEL=boot)" /boot || fatal "cannot mount the boot partition"
+# An OTA agent's part of a planned Secure Boot database update, and the update itself.
+pcr7=$(arg cryptfs.vm.prepare_pcr7)
+if [ -n "$pcr7" ]; then
+	/usr/bin/cryptfs reseal --prepare --pcr7 "$pcr7" --config /etc/cryptfs/cryptfs.toml &&
+		mark "prepared" || mark "prepare-failed"
+fi
+if [ "$(arg cryptfs.vm.reseal_finish)" = 1 ]; then
+	/usr/bin/cryptfs reseal --finish --config /etc/cryptfs/cryptfs.toml &&
+		mark "finished" || mark "finish-failed"
+fi
+if [ "$(arg cryptfs.vm.save_eventlog)" = 1 ]; then
+	mount -t securityfs securityfs /sys/kernel/security
+	cp /sys/kernel/security/tpm0/binary_bios_measurements /boot/eventlog.bin &&
+		mark "eventlog-saved" || mark "eventlog-failed"
+fi
+if [ "$(arg cryptfs.vm.dbx_append)" = 1 ]; then
+	# A real dbx update: the authenticated append (signed with the KEK on the host) written
+	# in one write() after the 4-byte attributes NV|BS|RT|time-based auth|append.
+	var=/sys/firmware/efi/efivars/dbx-d719b2cb-3d3a-4596-a3bc-dad00e67656f
+	before=$(wc -c <"$var" 2>/dev/null)
+	{
+		printf '\147'
+		head -c 3 /dev/zero
+		cat "$fw_cfg/opt/cryptfs/dbx/raw"
+	} >/run/dbx.upd
+	chattr -i "$var" 2>/dev/null
+	if dd if=/run/dbx.upd of="$var" bs="$(wc -c </run/dbx.upd)" count=1 conv=notrunc 2>/dev/null; then
+		mark "dbx-appended ${before:-0} -> $(wc -c <"$var")"
+	else
+		mark "dbx-append-failed"
+	fi
+fi
 /usr/bin/cryptfs status --config /etc/cryptfs/cryptfs.toml
 
 cd "$ROOTFS_DIR/data" || fatal "no /data on the root filesystem"

@@ -7,6 +7,9 @@
 //! initramfs-framework module and `init.sh`. A disk has an MBR with a boot partition (ext4,
 //! label `boot`) and a root partition (label `otaroot`). The guest reports `CRYPTFS-VM:` lines
 //! on the serial console.
+//!
+//! `BootOptions::firmware` boots through UEFI instead (OVMF with Secure Boot on or off, a signed
+//! UKI on an ESP disk, per-boot arguments over fw_cfg): see [`Firmware`] and design/boot.md.
 
 #![allow(dead_code)]
 
@@ -52,7 +55,12 @@ const PROGRAMS: &[&str] = &[
     "/usr/sbin/resize2fs",
     "/usr/bin/b3sum",
     "/usr/bin/tpm2_pcrextend",
+    // The Secure Boot tier's dbx update clears the immutable flag efivarfs sets on variables.
+    "/usr/bin/chattr",
 ];
+/// Modules only a firmware boot uses (the direct boot loads none of them): QEMU's fw_cfg, which
+/// carries the per-boot arguments a signed UKI's fixed command line cannot, and efivarfs.
+const FIRMWARE_MODULES: &[&str] = &["qemu_fw_cfg", "efivarfs"];
 /// Libraries loaded with dlopen (invisible to ldd): the TCTI for /dev/tpmrm0.
 const DLOPENED: &[&str] = &["libtss2-tcti-device.so.0"];
 
@@ -225,6 +233,22 @@ fn guest_config(resume: &str) -> String {
     )
 }
 
+/// Where a firmware boot's guest escrows its recovery key (on the boot partition: the host
+/// reads it back with debugfs, as an operator reads an escrow).
+pub const RECOVERY_ESCROW: &str = "/recovery.key";
+
+/// The configuration of the Secure Boot tier (`config: "secureboot"`): the shipped defaults —
+/// PCR 7 with `require_secure_boot` (default true), the boot-phase lock (default on) — plus a
+/// recovery key escrowed to the boot partition.
+fn secure_boot_guest_config() -> String {
+    format!(
+        "device = \"/dev/vda2\"\nboot_dir = \"/boot\"\nmapping_name = \"otaroot\"\n\n[kek]\n\
+         kind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"device:/dev/tpmrm0\"\n\n[reencrypt]\n\
+         hotzone_size = 8388608\nresume = \"initramfs\"\n\n[recovery]\nenabled = true\n\
+         escrow_file = \"/boot{RECOVERY_ESCROW}\"\n"
+    )
+}
+
 fn build_initramfs(kernel_root: &Path, version: &str, out: &Path) {
     let root = out.with_extension("root");
     let _ = std::fs::remove_dir_all(&root);
@@ -311,7 +335,7 @@ fn build_initramfs(kernel_root: &Path, version: &str, out: &Path) {
             .unwrap_or_default()
     };
     let mut wanted: BTreeSet<String> = BTreeSet::new();
-    for m in MODULES {
+    for m in MODULES.iter().chain(FIRMWARE_MODULES) {
         let (path, needs) = deps
             .iter()
             .find(|(p, _)| stem(p) == *m)
@@ -345,6 +369,11 @@ fn build_initramfs(kernel_root: &Path, version: &str, out: &Path) {
         )
         .expect("config");
     }
+    std::fs::write(
+        root.join("etc/cryptfs/secureboot.toml"),
+        secure_boot_guest_config(),
+    )
+    .expect("config");
     sh("chmod", &["-R", "a+rX", &root.display().to_string()]);
     sh(
         "chmod",
@@ -438,6 +467,8 @@ pub struct Disk {
     pub tpm_state: PathBuf,
     /// Boots so far.
     pub boots: u32,
+    /// Boot partition size in bytes ([`BOOT_SIZE`] unless made with [`Disk::with_boot_size`]).
+    pub boot_size: u64,
 }
 
 fn mbr(entries: &[(u64, u64)]) -> [u8; 512] {
@@ -462,6 +493,17 @@ pub const BEFORE_FILES: usize = 24;
 impl Disk {
     /// A new disk with `root_mib` of root partition holding the "before" files.
     pub fn new(image: RootImage, root_mib: u64) -> Disk {
+        Disk::with_boot_size(image, root_mib, BOOT_SIZE)
+    }
+
+    /// Where the root partition starts in the image.
+    pub fn root_offset(&self) -> u64 {
+        BOOT_OFFSET + self.boot_size
+    }
+
+    /// [`Disk::new`] with a boot partition of `boot_size` bytes (the root follows it).
+    pub fn with_boot_size(image: RootImage, root_mib: u64, boot_size: u64) -> Disk {
+        let root_offset = BOOT_OFFSET + boot_size;
         let dir = tempfile::tempdir().expect("tempdir");
         let src = dir.path().join("rootfs");
         let data = src.join("data");
@@ -483,7 +525,7 @@ impl Disk {
         }
         let boot = dir.path().join("boot.img");
         std::fs::File::create(&boot)
-            .and_then(|f| f.set_len(BOOT_SIZE))
+            .and_then(|f| f.set_len(boot_size))
             .expect("boot image");
         sh(
             "mkfs.ext4",
@@ -493,13 +535,13 @@ impl Disk {
         let path = dir.path().join("disk.img");
         {
             let mut disk = std::fs::File::create(&path).expect("disk");
-            disk.write_all(&mbr(&[(BOOT_OFFSET, BOOT_SIZE), (ROOT_OFFSET, root_size)]))
+            disk.write_all(&mbr(&[(BOOT_OFFSET, boot_size), (root_offset, root_size)]))
                 .expect("mbr");
-            disk.set_len(ROOT_OFFSET + root_size).expect("size");
+            disk.set_len(root_offset + root_size).expect("size");
             disk.seek(SeekFrom::Start(BOOT_OFFSET)).expect("seek");
             disk.write_all(&std::fs::read(&boot).expect("boot"))
                 .expect("boot");
-            disk.seek(SeekFrom::Start(ROOT_OFFSET)).expect("seek");
+            disk.seek(SeekFrom::Start(root_offset)).expect("seek");
             disk.write_all(&std::fs::read(&root).expect("root"))
                 .expect("root");
         }
@@ -527,13 +569,14 @@ impl Disk {
             root_size,
             tpm_state,
             boots: 0,
+            boot_size,
         }
     }
 
     /// The bytes of the root partition.
     pub fn root_bytes(&self) -> Vec<u8> {
         let mut f = std::fs::File::open(&self.path).expect("disk");
-        f.seek(SeekFrom::Start(ROOT_OFFSET)).expect("seek");
+        f.seek(SeekFrom::Start(self.root_offset())).expect("seek");
         let mut buf = vec![0u8; self.root_size as usize];
         f.read_exact(&mut buf).expect("read root");
         buf
@@ -557,7 +600,8 @@ impl Disk {
             .write(true)
             .open(&self.path)
             .expect("disk");
-        f.seek(SeekFrom::Start(ROOT_OFFSET + offset)).expect("seek");
+        f.seek(SeekFrom::Start(self.root_offset() + offset))
+            .expect("seek");
         f.write_all(bytes).expect("write");
         f.sync_all().expect("sync");
     }
@@ -570,7 +614,7 @@ impl Disk {
             .write(true)
             .open(&self.path)
             .expect("disk");
-        let mut buf = vec![0u8; BOOT_SIZE as usize];
+        let mut buf = vec![0u8; self.boot_size as usize];
         disk.seek(SeekFrom::Start(BOOT_OFFSET)).expect("seek");
         disk.read_exact(&mut buf).expect("read");
         std::fs::write(&part, &buf).expect("write");
@@ -613,6 +657,12 @@ pub struct BootOptions {
     /// Give QEMU this file as the disk instead of the disk's image (the write log's FUSE file,
     /// tests/writelog): same bytes, every write and flush of the guest logged. `None`: the image.
     pub drive: Option<PathBuf>,
+    /// Boot through UEFI firmware (OVMF) and a signed UKI instead of QEMU's direct kernel boot.
+    pub firmware: Option<Firmware>,
+    /// More `cryptfs.vm.*` arguments for init.sh (space-separated `key=value`).
+    pub extra_args: String,
+    /// Files handed to the guest over fw_cfg (firmware boots): (name, host file).
+    pub fw_cfg_files: Vec<(&'static str, PathBuf)>,
 }
 
 impl Default for BootOptions {
@@ -626,6 +676,9 @@ impl Default for BootOptions {
             cut_fraction: None,
             restart_service_after: None,
             drive: None,
+            firmware: None,
+            extra_args: String::new(),
+            fw_cfg_files: Vec::new(),
         }
     }
 }
@@ -731,7 +784,7 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let append = format!(
+    let mut append = format!(
         "console=ttyS0 panic=-1 quiet cryptfs.vm.boot={} cryptfs.vm.config={} cryptfs.vm.extend_pcr7={} \
          cryptfs.vm.debug={}{}",
         disk.boots,
@@ -742,6 +795,10 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
             .map(|s| format!(" cryptfs.vm.restart_after={s}"))
             .unwrap_or_default()
     );
+    if !opts.extra_args.is_empty() {
+        append.push(' ');
+        append.push_str(&opts.extra_args);
+    }
     let mut args: Vec<String> = [
         "-accel",
         "tcg",
@@ -760,13 +817,18 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    match opts.firmware {
+        None => args.extend([
+            "-kernel".into(),
+            assets.kernel.display().to_string(),
+            "-initrd".into(),
+            assets.initrd.display().to_string(),
+            "-append".into(),
+            append,
+        ]),
+        Some(firmware) => args.extend(firmware_args(disk, opts, firmware, &append)),
+    }
     args.extend([
-        "-kernel".into(),
-        assets.kernel.display().to_string(),
-        "-initrd".into(),
-        assets.initrd.display().to_string(),
-        "-append".into(),
-        append,
         "-drive".into(),
         format!(
             "file={},format=raw,if=virtio,cache=writeback",
@@ -868,4 +930,327 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
         elapsed: started.elapsed(),
         line_times,
     }
+}
+
+/// UEFI firmware for a boot (OVMF under QEMU, `q35` with SMM): the firmware, not the test,
+/// measures PCR 7.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// `OVMF_CODE_4M.secboot.fd` with a copy of `OVMF_VARS_4M.snakeoil.fd` (PK, KEK and db hold
+    /// Debian's test key): Secure Boot enforcing, the UKI signed with that key.
+    SecureBoot,
+    /// The same code with a copy of the plain `OVMF_VARS_4M.fd`: no keys, setup mode, Secure
+    /// Boot off.
+    SecureBootOff,
+}
+
+/// Where Debian's `ovmf` package puts the firmware and its test key.
+const OVMF_DIR: &str = "/usr/share/OVMF";
+const OVMF_KEY_DIR: &str = "/usr/share/ovmf";
+/// systemd 252's UEFI stub (package `systemd-boot-efi`).
+const UKI_STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+/// The UKI's fixed command line: per-boot arguments come over fw_cfg (`opt/cryptfs/args`).
+/// `no_timer_check`: under a loaded TCG host the kernel's IO-APIC timer check can fail and panic.
+const UKI_CMDLINE: &str = "console=ttyS0 panic=-1 quiet no_timer_check";
+/// The EFI image-security-database GUID, part of the `dbx` variable's efivarfs name.
+pub const EFI_IMAGE_SECURITY_GUID: &str = "d719b2cb-3d3a-4596-a3bc-dad00e67656f";
+/// fw_cfg names the guest reads (`/sys/firmware/qemu_fw_cfg/by_name/<name>/raw`).
+pub const FW_CFG_ARGS: &str = "opt/cryptfs/args";
+/// The recovery key the host hands to a rescue boot.
+pub const FW_CFG_RECOVERY_KEY: &str = "opt/cryptfs/recovery-key";
+/// The authenticated `dbx` append a boot with `cryptfs.vm.dbx_append=1` writes.
+pub const FW_CFG_DBX: &str = "opt/cryptfs/dbx";
+
+/// The firmware tier's assets: the signed UKI on an ESP image, the firmware, the test key and a
+/// real `dbx` update signed with it.
+pub struct FirmwareAssets {
+    /// FAT image holding `/EFI/BOOT/BOOTX64.EFI` (the signed UKI), attached read-only.
+    pub esp: PathBuf,
+    /// `OVMF_CODE_4M.secboot.fd`.
+    pub code: PathBuf,
+    /// The EFI signature list appended to `dbx` (a throwaway certificate).
+    pub dbx_esl: PathBuf,
+    /// `dbx_esl` as an authenticated append, signed with the snakeoil KEK.
+    pub dbx_auth: PathBuf,
+}
+
+/// Runs a host tool the firmware tier needs, with a message naming the package when missing.
+fn tool(program: &str, args: &[&str]) -> String {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{program} missing: the Secure Boot tier needs ovmf, sbsigntool, mtools, dosfstools, \
+         efitools, systemd-boot-efi (`cargo xtask deps`)"
+    );
+    sh(program, args)
+}
+
+/// The UKI (kernel, the rig's initramfs gzipped, the fixed command line) signed with the
+/// snakeoil key, on an ESP image; the dbx update. Made once per test binary.
+pub fn firmware_assets() -> &'static FirmwareAssets {
+    static FW: OnceLock<FirmwareAssets> = OnceLock::new();
+    FW.get_or_init(|| {
+        let started = Instant::now();
+        let assets = assets();
+        for f in [
+            Path::new(OVMF_DIR).join("OVMF_CODE_4M.secboot.fd"),
+            Path::new(OVMF_DIR).join("OVMF_VARS_4M.snakeoil.fd"),
+            Path::new(OVMF_DIR).join("OVMF_VARS_4M.fd"),
+            Path::new(UKI_STUB).to_path_buf(),
+        ] {
+            assert!(
+                f.exists(),
+                "{} missing: install ovmf and systemd-boot-efi (`cargo xtask deps`)",
+                f.display()
+            );
+        }
+        // Made from this binary's initramfs: those of earlier runs are stale.
+        if let Ok(entries) = std::fs::read_dir(asset_dir()) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("firmware-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = asset_dir().join(format!("firmware-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("firmware dir");
+        let p = |name: &str| dir.join(name).display().to_string();
+        // The test key, decrypted (its passphrase is public: it is Debian's test key).
+        tool(
+            "openssl",
+            &[
+                "pkey",
+                "-passin",
+                "pass:snakeoil",
+                "-in",
+                &format!("{OVMF_KEY_DIR}/PkKek-1-snakeoil.key"),
+                "-out",
+                &p("db.key"),
+            ],
+        );
+        let cert = format!("{OVMF_KEY_DIR}/PkKek-1-snakeoil.pem");
+        // The UKI: systemd-stub with the sections at the addresses systemd 252's ukify uses.
+        let initrd_gz = dir.join("initrd.gz");
+        sh(
+            "sh",
+            &[
+                "-c",
+                &format!(
+                    "gzip -1 -c {} > {}",
+                    assets.initrd.display(),
+                    initrd_gz.display()
+                ),
+            ],
+        );
+        std::fs::write(
+            dir.join("osrel"),
+            "ID=cryptfs-vm\nNAME=\"cryptfs VM tier\"\n",
+        )
+        .expect("osrel");
+        std::fs::write(dir.join("cmdline"), UKI_CMDLINE).expect("cmdline");
+        tool(
+            "objcopy",
+            &[
+                "--add-section",
+                &format!(".osrel={}", p("osrel")),
+                "--change-section-vma",
+                ".osrel=0x20000",
+                "--add-section",
+                &format!(".cmdline={}", p("cmdline")),
+                "--change-section-vma",
+                ".cmdline=0x30000",
+                "--add-section",
+                &format!(".linux={}", assets.kernel.display()),
+                "--change-section-vma",
+                ".linux=0x2000000",
+                "--add-section",
+                &format!(".initrd={}", initrd_gz.display()),
+                "--change-section-vma",
+                ".initrd=0x3000000",
+                UKI_STUB,
+                &p("uki.efi"),
+            ],
+        );
+        tool(
+            "sbsign",
+            &[
+                "--key",
+                &p("db.key"),
+                "--cert",
+                &cert,
+                "--output",
+                &p("uki.signed.efi"),
+                &p("uki.efi"),
+            ],
+        );
+        // The ESP, made without mounting.
+        let uki_len = std::fs::metadata(dir.join("uki.signed.efi"))
+            .expect("uki")
+            .len();
+        let esp = dir.join("esp.img");
+        std::fs::File::create(&esp)
+            .and_then(|f| f.set_len((uki_len / MIB + 8) * MIB))
+            .expect("esp");
+        tool("mkfs.vfat", &["-n", "ESP", &esp.display().to_string()]);
+        let esp_s = esp.display().to_string();
+        tool("mmd", &["-i", &esp_s, "::/EFI", "::/EFI/BOOT"]);
+        tool(
+            "mcopy",
+            &[
+                "-i",
+                &esp_s,
+                &p("uki.signed.efi"),
+                "::/EFI/BOOT/BOOTX64.EFI",
+            ],
+        );
+        // A real dbx update: a throwaway certificate as an EFI signature list, an authenticated
+        // append signed with the KEK (the snakeoil key is PK and KEK).
+        tool(
+            "openssl",
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=cryptfs VM tier revoked test certificate/",
+                "-days",
+                "3650",
+                "-keyout",
+                &p("revoked.key"),
+                "-out",
+                &p("revoked.crt"),
+            ],
+        );
+        tool(
+            "cert-to-efi-sig-list",
+            &[
+                "-g",
+                "3c5c61b4-2fb2-4b6b-9a3e-6f1a8d2b7c01",
+                &p("revoked.crt"),
+                &p("revoked.esl"),
+            ],
+        );
+        tool(
+            "sign-efi-sig-list",
+            &[
+                "-a",
+                "-k",
+                &p("db.key"),
+                "-c",
+                &cert,
+                "dbx",
+                &p("revoked.esl"),
+                &p("revoked.auth"),
+            ],
+        );
+        let _ = std::fs::remove_file(dir.join("uki.efi"));
+        let _ = std::fs::remove_file(dir.join("uki.signed.efi"));
+        let _ = std::fs::remove_file(&initrd_gz);
+        eprintln!(
+            "vm: signed UKI {} MiB on the ESP, dbx update made, in {:.1} s",
+            uki_len >> 20,
+            started.elapsed().as_secs_f64()
+        );
+        FirmwareAssets {
+            esp,
+            code: Path::new(OVMF_DIR).join("OVMF_CODE_4M.secboot.fd"),
+            dbx_esl: dir.join("revoked.esl"),
+            dbx_auth: dir.join("revoked.auth"),
+        }
+    })
+}
+
+impl Disk {
+    /// The machine's NVRAM for `firmware` (a copy of the vars template made at its first boot,
+    /// kept with the disk like a board's flash).
+    pub fn nvram(&self, firmware: Firmware) -> PathBuf {
+        let (name, template) = match firmware {
+            Firmware::SecureBoot => ("nvram-secboot.fd", "OVMF_VARS_4M.snakeoil.fd"),
+            Firmware::SecureBootOff => ("nvram-plain.fd", "OVMF_VARS_4M.fd"),
+        };
+        let path = self.dir.path().join(name);
+        if !path.exists() {
+            std::fs::copy(Path::new(OVMF_DIR).join(template), &path).expect("vars template");
+        }
+        path
+    }
+
+    /// Reads a file of the boot partition (ext4) on the host, if it is there.
+    pub fn read_boot_file(&self, name: &str) -> Option<Vec<u8>> {
+        let out = self.dir.path().join("boot-file.out");
+        let _ = std::fs::remove_file(&out);
+        let mut found = None;
+        self.with_boot_partition(|part| {
+            let _ = Command::new("debugfs")
+                .args([
+                    "-R",
+                    &format!("dump {name} {}", out.display()),
+                    &part.display().to_string(),
+                ])
+                .output();
+            found = std::fs::read(&out).ok();
+        });
+        let _ = std::fs::remove_file(&out);
+        found
+    }
+
+    /// Deletes a file of the boot partition on the host.
+    pub fn remove_boot_file(&self, name: &str) {
+        self.with_boot_partition(|part| {
+            common::run(
+                "debugfs",
+                &[
+                    "-w",
+                    "-R",
+                    &format!("rm {name}"),
+                    &part.display().to_string(),
+                ],
+            );
+        });
+    }
+}
+
+/// QEMU arguments of a firmware boot: q35 with SMM (OVMF's variable store is SMM-protected),
+/// the code read-only and the NVRAM writable as pflash, the ESP as a second virtio disk that the
+/// firmware boots first (`vda` stays the system disk: the ESP sits in a later PCI slot), and
+/// the per-boot arguments and files over fw_cfg.
+fn firmware_args(disk: &Disk, opts: &BootOptions, firmware: Firmware, append: &str) -> Vec<String> {
+    let fw = firmware_assets();
+    let mut args: Vec<String> = vec![
+        "-machine".into(),
+        "q35,smm=on".into(),
+        "-global".into(),
+        "driver=cfi.pflash01,property=secure,value=on".into(),
+        "-drive".into(),
+        format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            fw.code.display()
+        ),
+        "-drive".into(),
+        format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            disk.nvram(firmware).display()
+        ),
+        "-drive".into(),
+        format!(
+            "file={},format=raw,if=none,id=esp,readonly=on",
+            fw.esp.display()
+        ),
+        "-device".into(),
+        "virtio-blk-pci,drive=esp,bootindex=0,addr=0x10".into(),
+        "-fw_cfg".into(),
+        format!("name={FW_CFG_ARGS},string={append}"),
+    ];
+    for (name, file) in &opts.fw_cfg_files {
+        args.extend([
+            "-fw_cfg".into(),
+            format!("name={name},file={}", file.display()),
+        ]);
+    }
+    args
 }

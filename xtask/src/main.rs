@@ -42,6 +42,15 @@ pub const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "b3sum",
+    // The VM tier on UEFI Secure Boot (tests/vm_secure_boot.rs): OVMF with Debian's test keys,
+    // systemd 252's UEFI stub for the UKI, sbsign, an ESP made without mounting, and efitools
+    // for the signed dbx update.
+    "ovmf",
+    "systemd-boot-efi",
+    "sbsigntool",
+    "dosfstools",
+    "mtools",
+    "efitools",
 ];
 
 fn main() -> Result<()> {
@@ -222,10 +231,12 @@ fn test() -> Result<()> {
     Ok(())
 }
 
-/// The QEMU boot scenarios: two VMs at a time at most (one per test thread), figures printed.
+/// The QEMU boot scenarios (direct kernel boots, then UEFI Secure Boot under OVMF): two VMs at
+/// a time at most (one per test thread), figures printed.
 fn vm(filter: Option<&str>) -> Result<()> {
-    // The boot scenarios, then the lost-write states (tests/vm_lost_writes.rs).
-    for test in ["vm", "vm_lost_writes"] {
+    // The direct boots, the lost-write states (tests/vm_lost_writes.rs), then the UEFI
+    // Secure Boot scenarios.
+    for test in ["vm", "vm_lost_writes", "vm_secure_boot"] {
         let mut args = vec![
             "test",
             "--package",

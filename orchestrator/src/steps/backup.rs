@@ -315,6 +315,19 @@ fn round_up(len: u64, block: u64) -> crate::Result<u64> {
 
 /// Writes the backup, or adopts the one already there.
 pub fn run(ctx: &mut StepContext<'_>) -> crate::Result<()> {
+    write_backup(ctx, false)
+}
+
+/// [`run`] after a change of keyslots (`cryptfs reseal`): the verified backup describes keyslots
+/// that are gone, so it is superseded, and when the boot partition has no room for a second
+/// copy it is removed before the new one is written (as a stale one would be). The header is
+/// sound at that point (it was just written and proven); a power cut in between leaves no
+/// backup, which the boot path's `backup-header` or the next reseal writes again.
+pub fn run_superseding(ctx: &mut StepContext<'_>) -> crate::Result<()> {
+    write_backup(ctx, true)
+}
+
+fn write_backup(ctx: &mut StepContext<'_>, superseded: bool) -> crate::Result<()> {
     let device = ctx.config.device.clone();
     let target = ctx.config.backup_path();
     let temp = target.with_extension("bin.tmp");
@@ -332,6 +345,10 @@ pub fn run(ctx: &mut StepContext<'_>) -> crate::Result<()> {
         area,
         record::backup_digest(ctx.rec.journal()).as_deref(),
     )?;
+    let existing = match existing {
+        Existing::Verified { allocated } if superseded => Existing::Stale { allocated },
+        other => other,
+    };
     let leftover = std::fs::symlink_metadata(&temp).ok();
     let stale_in_place = stale_in_place_header(ctx);
     let mut plan = None;
