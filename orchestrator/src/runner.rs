@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context};
 use cryptfs_journal::{Journal, Record};
 use cryptfs_states::{
     check_binding, derive_state, plan, Action, BindingCheck, DeviceFacts, Facts, Luks2Facts,
-    Policy, ProvisioningMachine, ProvisioningState, ReencryptMode, Stage,
+    Policy, ProvisioningMachine, ProvisioningState, ReencryptMode, Stage, Step,
 };
 use serde_json::Value;
 
@@ -50,13 +50,25 @@ pub fn facts(
         Content::PlainExt4(_) => DeviceFacts::PlainExt4,
         Content::Luks2(meta) => DeviceFacts::Luks2(Luks2Facts {
             kek_token: !crate::token_unlock::usable_tokens(kek, meta).is_empty(),
-            // A keyslot an interrupted reseal added before its token is not a passphrase to
-            // wipe: the next `cryptfs reseal` undoes it (the journal disambiguates).
+            // A keyslot that an interrupted reseal or recovery enrollment added before its token
+            // is not a passphrase to wipe: the next reseal, or the resumed `enroll-recovery`,
+            // destroys it and starts over (the journal disambiguates). Found by the fsync-cut
+            // harness: counted as a passphrase, it sent the boot path back to `kek-enrolled`.
             passphrase_keyslots: {
-                let resealing = journal.and_then(crate::reseal::pending_new_keyslot);
+                let half_added: Vec<u32> = journal
+                    .map(|records| {
+                        [
+                            crate::reseal::pending_new_keyslot(records),
+                            record::pending_keyslot(records, Step::EnrollRecovery.name()),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .collect()
+                    })
+                    .unwrap_or_default();
                 meta.passphrase_keyslots()
                     .into_iter()
-                    .filter(|s| Some(*s) != resealing)
+                    .filter(|s| !half_added.contains(s))
                     .collect()
             },
             reencrypt: match meta.reencrypt_mode() {
