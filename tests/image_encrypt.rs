@@ -553,3 +553,44 @@ fn one_partition_of_a_gpt_disk_image_is_encrypted_and_the_rest_is_unchanged() {
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing written"));
     assert_eq!(common::file_blake3(&disk.path), digest);
 }
+
+/// The build host's user is not root (bitbake runs image tasks under pseudo): the command works
+/// on an image file without root rights, without /run/cryptsetup and without a loop device.
+#[test]
+fn runs_as_an_unprivileged_build_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let src = dir.path().join("src");
+    sample_tree(&src, 5);
+    let img = dir.path().join("root.img");
+    make_ext4(&img, 128, &src);
+    let bin = dir.path().join("cryptfs");
+    std::fs::copy(common::BIN, &bin).expect("copy binary");
+    let pass = dir.path().join("pass");
+    write_secret(&pass, CI_PASSPHRASE);
+    for p in [dir.path(), &img, &pass, &bin] {
+        run("chown", &["nobody", &p.display().to_string()]);
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = Command::new("su")
+        .args(["nobody", "-s", "/bin/sh", "-c"])
+        .arg(format!(
+            "id -u && {} image encrypt --image {} --passphrase-file {}",
+            bin.display(),
+            img.display(),
+            pass.display()
+        ))
+        .output()
+        .expect("su");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(stdout.lines().next(), Some("0"), "ran as root: {stdout}");
+    assert!(stdout.contains("encrypted"), "{stdout}");
+    let meta = luks2(&img);
+    assert_eq!(marker::origin(&meta), Some(VolumeKeyOrigin::Image));
+    assert!(volume_key_with(&img, CI_PASSPHRASE).is_some());
+}

@@ -266,6 +266,11 @@ pub fn encrypt(req: &Request) -> crate::Result<Outcome> {
             image.display()
         );
     }
+    // One run per image at a time (libcryptsetup's own locks are off below).
+    let _lock = lock_image(&image)?;
+    if req.partition.is_none() {
+        disable_library_locking(&image);
+    }
     let work = WorkDir::for_image(&image, req.partition)?;
     let loop_dev = match req.partition {
         None => None,
@@ -375,6 +380,40 @@ pub fn encrypt(req: &Request) -> crate::Result<Outcome> {
     work.remove()?;
     drop(loop_dev);
     Ok(outcome)
+}
+
+/// An exclusive, non-blocking flock on the image file for the whole run: a second run on the
+/// same image refuses instead of interleaving with the first.
+fn lock_image(image: &Path) -> crate::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file =
+        std::fs::File::open(image).with_context(|| format!("cannot open {}", image.display()))?;
+    // SAFETY: flock on a file descriptor this function owns; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        bail!(
+            "refusing to encrypt {}: another process holds a lock on it (a second `cryptfs \
+             image encrypt`?); wait for it to end",
+            image.display()
+        );
+    }
+    Ok(file)
+}
+
+/// libcryptsetup's metadata and re-encryption locks live under `/run/cryptsetup`, which a build
+/// host's unprivileged build user (bitbake under pseudo) cannot write: there it fails with
+/// "Failed to acquire reencryption lock". An image file that no loop device backs (checked
+/// before) and that this run holds flocked has no other user to lock against, so they go off
+/// for this process. A partition goes through a loop device (root anyway): locks stay on.
+fn disable_library_locking(image: &Path) {
+    match libcryptsetup_rs::CryptInit::init(image) {
+        Ok(mut cd) => {
+            if let Err(e) = cd.settings_handle().metadata_locking(false) {
+                tracing::warn!("cannot turn libcryptsetup's metadata locking off: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("libcryptsetup cannot open {}: {e}", image.display()),
+    }
 }
 
 fn place_and_finish(dev: &Path, work: &WorkDir, req: &Request) -> crate::Result<()> {
