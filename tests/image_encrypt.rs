@@ -185,23 +185,7 @@ fn take_over(rig: &Rig) -> Vec<Output> {
     let status = rig.status();
     assert_eq!(status["state"], "header-backed-up", "{status:#}");
     assert_eq!(status["device"]["reencrypt"]["status"], "none");
-    let steps: Vec<String> = status["journal"]["records"]
-        .as_array()
-        .expect("records")
-        .iter()
-        .filter(|r| r["phase"] == "done")
-        .map(|r| r["step"].as_str().expect("step").to_string())
-        .collect();
-    assert_eq!(
-        steps,
-        [
-            "enroll-kek",
-            "wipe-passphrase",
-            "init-reencrypt",
-            "reencrypt",
-            "backup-header"
-        ]
-    );
+    assert_eq!(common::done_steps(&status), common::CI_TAKEOVER_STEPS);
     assert_eq!(rig.files_inside(), rig.files);
     vec![initramfs, userspace]
 }
@@ -536,17 +520,8 @@ fn one_partition_of_a_gpt_disk_image_is_encrypted_and_the_rest_is_unchanged() {
     let plain = dir.path().join("p2.plain");
     cryptfs::plaintext::export(&part, &meta, &key, &plain).expect("decrypt");
     run("e2fsck", &["-n", "-f", &plain.display().to_string()]);
-    let out_dir = dir.path().join("extracted");
-    std::fs::create_dir_all(&out_dir).expect("mkdir");
-    run(
-        "debugfs",
-        &[
-            "-R",
-            &format!("rdump / {}", out_dir.display()),
-            &plain.display().to_string(),
-        ],
-    );
-    assert_eq!(tree_hashes(&out_dir), disk.files);
+    let files = common::files_of_ext4_image(&plain, &dir.path().join("extracted"));
+    assert_eq!(files, disk.files);
     // A rerun has nothing to do and writes nothing.
     let digest = common::file_blake3(&disk.path);
     let again = image_encrypt(&disk.path, &pass, &["--partition", "2"], &[]);

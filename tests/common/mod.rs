@@ -326,6 +326,42 @@ pub fn make_ci_image(img: &Path, size_mib: u64, src: &Path, passphrase: &str) {
     );
 }
 
+/// The files of the plain ext4 image `plain`, copied out with debugfs into `out_dir` (made
+/// afresh) and hashed.
+pub fn files_of_ext4_image(plain: &Path, out_dir: &Path) -> BTreeMap<String, String> {
+    let _ = std::fs::remove_dir_all(out_dir);
+    std::fs::create_dir_all(out_dir).expect("mkdir");
+    run(
+        "debugfs",
+        &[
+            "-R",
+            &format!("rdump / {}", out_dir.display()),
+            &plain.display().to_string(),
+        ],
+    );
+    tree_hashes(out_dir)
+}
+
+/// The steps a CI image's takeover journals as done, in order.
+pub const CI_TAKEOVER_STEPS: &[&str] = &[
+    "enroll-kek",
+    "wipe-passphrase",
+    "init-reencrypt",
+    "reencrypt",
+    "backup-header",
+];
+
+/// The steps `status --json` shows journaled as done, in order.
+pub fn done_steps(status: &serde_json::Value) -> Vec<String> {
+    status["journal"]["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r["phase"] == "done")
+        .map(|r| r["step"].as_str().expect("step").to_string())
+        .collect()
+}
+
 /// A test rig: temp dir, swtpm, device image, boot dir, config.
 pub struct Rig {
     pub dir: tempfile::TempDir,
@@ -546,17 +582,7 @@ impl Rig {
             String::from_utf8_lossy(&fsck.stdout)
         );
         let out_dir = self.dir.path().join("extracted");
-        let _ = std::fs::remove_dir_all(&out_dir);
-        std::fs::create_dir_all(&out_dir).expect("mkdir");
-        run(
-            "debugfs",
-            &[
-                "-R",
-                &format!("rdump / {}", out_dir.display()),
-                &plain.display().to_string(),
-            ],
-        );
-        let files = tree_hashes(&out_dir);
+        let files = files_of_ext4_image(&plain, &out_dir);
         std::fs::remove_file(&plain).expect("rm plain");
         std::fs::remove_dir_all(&out_dir).expect("rm extracted");
         files
