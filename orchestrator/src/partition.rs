@@ -107,6 +107,11 @@ fn mbr_entry(mbr: &[u8], number: u32) -> crate::Result<Range> {
     if kind == 0 || sectors == 0 {
         bail!("no partition {number}: that MBR entry is not in use");
     }
+    if kind == 0xEE {
+        bail!(
+            "the MBR is a GPT's protective one but LBA 1 holds no GPT header: the table is damaged"
+        );
+    }
     if kind == 0x05 || kind == 0x0f || kind == 0x85 {
         bail!("partition {number} is an extended partition, not a filesystem");
     }
@@ -153,6 +158,55 @@ mod tests {
         }
         assert!(refused > 2000, "{refused}");
         assert!(find(write(&[0u8; 100]).path(), 1).is_err());
+    }
+
+    /// A GPT as sgdisk lays it out (header at LBA 1, 128 entries of 128 bytes from LBA 2),
+    /// with partition 1 at sectors 2048..=6143.
+    fn gpt_image() -> Vec<u8> {
+        let mut img = vec![0u8; 4 << 20];
+        img[510] = 0x55;
+        img[511] = 0xAA;
+        img[446 + 4] = 0xEE;
+        img[512..520].copy_from_slice(b"EFI PART");
+        img[512 + 72..512 + 80].copy_from_slice(&2u64.to_le_bytes());
+        img[512 + 80..512 + 84].copy_from_slice(&128u32.to_le_bytes());
+        img[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+        let e = 1024;
+        img[e..e + 16].copy_from_slice(&[0xAF; 16]);
+        img[e + 32..e + 40].copy_from_slice(&2048u64.to_le_bytes());
+        img[e + 40..e + 48].copy_from_slice(&6143u64.to_le_bytes());
+        img
+    }
+
+    /// Every byte of the GPT header and of the first entry, set to each of a few hostile
+    /// values: never a panic, and whatever is accepted lies inside the file.
+    #[test]
+    fn every_mutated_byte_of_a_real_gpt_is_bounded() {
+        let base = gpt_image();
+        assert_eq!(
+            find(write(&base).path(), 1).expect("p1"),
+            Range {
+                offset: 1 << 20,
+                size: 2 << 20
+            }
+        );
+        let f = tempfile::NamedTempFile::new().expect("tmp");
+        let (mut cases, mut refused) = (0, 0);
+        let positions = (512 + 72..512 + 92).chain(1024 + 16..1024 + 48);
+        for at in positions {
+            for value in [0x00u8, 0x01, 0x7F, 0x80, 0xFF] {
+                let mut img = base.clone();
+                img[at] = value;
+                std::fs::write(f.path(), &img).expect("write");
+                cases += 1;
+                match find(f.path(), 1) {
+                    Ok(r) => assert!(r.size > 0 && r.offset + r.size <= img.len() as u64),
+                    Err(_) => refused += 1,
+                }
+            }
+        }
+        assert_eq!(cases, 52 * 5);
+        assert!(refused > 50, "{refused} of {cases} refused");
     }
 
     #[test]
