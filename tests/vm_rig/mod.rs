@@ -453,6 +453,8 @@ pub enum RootImage {
     Plain,
     /// LUKS2 made the reference's CI way (slot 31, well-known passphrase).
     CiLuks,
+    /// The same CI image made by `cryptfs image encrypt` (PBKDF2 keyslot 31, key-origin marker).
+    CryptfsCiLuks,
 }
 
 /// A disk image: MBR, boot partition, root partition; plus the TPM state of its device.
@@ -521,6 +523,9 @@ impl Disk {
             RootImage::Plain => common::make_ext4(&root, root_mib, &src),
             RootImage::CiLuks => {
                 common::make_ci_image(&root, root_mib, &src, common::CI_PASSPHRASE)
+            }
+            RootImage::CryptfsCiLuks => {
+                common::make_cryptfs_ci_image(&root, root_mib, &src, common::CI_PASSPHRASE);
             }
         }
         let boot = dir.path().join("boot.img");
