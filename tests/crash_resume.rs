@@ -200,6 +200,7 @@ fn the_boundary_lists_name_every_failpoint_in_the_source() {
         .chain(CI_BOUNDARIES)
         .map(|(fp, _)| fp.to_string())
         .chain(common::RECOVERY_BOUNDARIES.iter().map(|fp| fp.to_string()))
+        .chain(common::IMAGE_BOUNDARIES.iter().map(|fp| fp.to_string()))
         .chain(
             common::RESEAL_BOUNDARIES
                 .iter()

@@ -141,23 +141,7 @@ fn ci_image_is_taken_over_reencrypted_and_backed_up() {
     assert_eq!(rig.files_inside(), rig.files);
 
     // The journal tells the story in order.
-    let steps: Vec<String> = status["journal"]["records"]
-        .as_array()
-        .expect("records")
-        .iter()
-        .filter(|r| r["phase"] == "done")
-        .map(|r| r["step"].as_str().expect("step").to_string())
-        .collect();
-    assert_eq!(
-        steps,
-        [
-            "enroll-kek",
-            "wipe-passphrase",
-            "init-reencrypt",
-            "reencrypt",
-            "backup-header"
-        ]
-    );
+    assert_eq!(common::done_steps(&status), common::CI_TAKEOVER_STEPS);
     assert_no_secret(&rig, &[initramfs, userspace]);
 }
 

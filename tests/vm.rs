@@ -439,3 +439,42 @@ fn vm_no_tpm_device_is_fatal_before_any_write() {
     assert!(boot.marker("mounted").is_none());
     assert_eq!(disk.root_digest(), digest, "the root partition was written");
 }
+
+/// A CI image made by `cryptfs image encrypt` (the build host's half, PBKDF2 in keyslot 31 and
+/// the key-origin marker) is taken over on its first real boot: enrolled and wiped in the
+/// initramfs, re-encrypted online, files intact; its first boot is not held up by the CI
+/// keyslot's KDF (compare `vm-ci-image.md`'s first boot, Argon2id).
+#[test]
+fn vm_cryptfs_made_ci_image_is_taken_over() {
+    use cryptfs::luks::marker;
+    use cryptfs_states::VolumeKeyOrigin;
+    let mut disk = Disk::new(RootImage::CryptfsCiLuks, 128);
+    let before = common::luks2(&disk.extract_root());
+    assert_eq!(marker::origin(&before), Some(VolumeKeyOrigin::Image));
+    let old_digest = before.segment_digest().expect("digest").to_string();
+
+    let first = disk.boot(&BootOptions::default());
+    assert_healthy(&first, "first boot");
+    let root = disk.extract_root();
+    let after = common::luks2(&root);
+    assert_ne!(
+        after.segment_digest(),
+        Some(old_digest.as_str()),
+        "volume key unchanged"
+    );
+    assert!(after.reencrypt_mode().is_none());
+    assert!(after.passphrase_keyslots().is_empty());
+    assert!(common::volume_key_with(&root, common::CI_PASSPHRASE).is_none());
+    assert_eq!(marker::origin(&after), Some(VolumeKeyOrigin::Reencrypted));
+    let s = "cryptfs-made CI image";
+    figure(
+        s,
+        "first boot: kernel start to root mounted (s)",
+        first.mounted_after().unwrap_or(0.0),
+    );
+    figure(
+        s,
+        "online re-encryption under the workload (MiB/s)",
+        first.rate("reencrypt").unwrap_or(0.0),
+    );
+}

@@ -80,6 +80,12 @@ pub enum Command {
         #[arg(long)]
         finish: bool,
     },
+    /// Build-host commands on image files (no TPM, no journal).
+    Image {
+        /// Which one.
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Unlock with the KEK token (no activation) and write the decrypted filesystem image to
     /// a file, for offline checks on machines without dm-crypt (demo, tests). Only in builds
     /// with the `test-hooks` feature: a shipped binary has no way to write the plaintext out.
@@ -106,6 +112,32 @@ pub enum Command {
         early_dir: Option<PathBuf>,
         /// The "late" directory (unused).
         late_dir: Option<PathBuf>,
+    },
+}
+
+/// `cryptfs image …`.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Make the CI LUKS2 image the reference's CI makes, in place: e2fsck, shrink by 32 MiB,
+    /// encrypt with a 16 MiB data offset, the well-known passphrase in one keyslot (cheap
+    /// PBKDF2: the passphrase is public), the label kept, and cryptfs's key-origin marker, so
+    /// that every device re-encrypts it on first boot. Resumes an interrupted run.
+    Encrypt {
+        /// The image: a plain ext4 partition image, or a disk image with `--partition`.
+        #[arg(long, value_name = "FILE")]
+        image: PathBuf,
+        /// Partition number (1-based) of the root filesystem in a GPT or MBR disk image.
+        #[arg(long, value_name = "N")]
+        partition: Option<u32>,
+        /// File holding the CI passphrase (trailing newline ignored; mode 0600).
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: PathBuf,
+        /// Keyslot of the passphrase.
+        #[arg(long, default_value_t = crate::image::DEFAULT_KEYSLOT)]
+        keyslot: u32,
+        /// LUKS2 label.
+        #[arg(long, default_value = crate::image::DEFAULT_LABEL)]
+        label: String,
     },
 }
 

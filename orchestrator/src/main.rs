@@ -186,6 +186,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", cryptfs::reseal::render(&outcome));
             Ok(())
         }
+        Command::Image {
+            command:
+                cryptfs::cli::ImageCommand::Encrypt {
+                    image,
+                    partition,
+                    passphrase_file,
+                    keyslot,
+                    label,
+                },
+        } => {
+            let bytes = cryptfs::secret::read_secret_file(&passphrase_file, "CI passphrase")?;
+            let request = cryptfs::image::Request {
+                image: image.clone(),
+                partition,
+                passphrase: cryptfs::secret::Passphrase::new(bytes.to_vec()),
+                keyslot,
+                label,
+            };
+            let outcome =
+                tokio::task::spawn_blocking(move || cryptfs::image::encrypt(&request)).await??;
+            let what = match outcome {
+                cryptfs::image::Outcome::Encrypted => "encrypted",
+                cryptfs::image::Outcome::Resumed => "encrypted (an interrupted run finished)",
+                cryptfs::image::Outcome::AlreadyDone => "already a CI image, nothing written",
+            };
+            println!("cryptfs: {}: {what}", image.display());
+            Ok(())
+        }
         Command::SystemdGenerator {
             config, normal_dir, ..
         } => {

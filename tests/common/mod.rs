@@ -326,6 +326,42 @@ pub fn make_ci_image(img: &Path, size_mib: u64, src: &Path, passphrase: &str) {
     );
 }
 
+/// The files of the plain ext4 image `plain`, copied out with debugfs into `out_dir` (made
+/// afresh) and hashed.
+pub fn files_of_ext4_image(plain: &Path, out_dir: &Path) -> BTreeMap<String, String> {
+    let _ = std::fs::remove_dir_all(out_dir);
+    std::fs::create_dir_all(out_dir).expect("mkdir");
+    run(
+        "debugfs",
+        &[
+            "-R",
+            &format!("rdump / {}", out_dir.display()),
+            &plain.display().to_string(),
+        ],
+    );
+    tree_hashes(out_dir)
+}
+
+/// The steps a CI image's takeover journals as done, in order.
+pub const CI_TAKEOVER_STEPS: &[&str] = &[
+    "enroll-kek",
+    "wipe-passphrase",
+    "init-reencrypt",
+    "reencrypt",
+    "backup-header",
+];
+
+/// The steps `status --json` shows journaled as done, in order.
+pub fn done_steps(status: &serde_json::Value) -> Vec<String> {
+    status["journal"]["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r["phase"] == "done")
+        .map(|r| r["step"].as_str().expect("step").to_string())
+        .collect()
+}
+
 /// A test rig: temp dir, swtpm, device image, boot dir, config.
 pub struct Rig {
     pub dir: tempfile::TempDir,
@@ -381,19 +417,76 @@ pub fn secure_boot_on_efivars() -> &'static Path {
 pub enum Image {
     Plain,
     Ci,
+    /// The CI image made by `cryptfs image encrypt` (the build host's half).
+    CryptfsCi,
+}
+
+/// The failpoints of `cryptfs image encrypt` (cut by tests/image_encrypt.rs; tests/crash_resume.rs
+/// counts them among the failpoints the source defines).
+pub const IMAGE_BOUNDARIES: &[&str] = &[
+    "image-encrypt:after-start",
+    "image-encrypt:after-shrink",
+    "image-encrypt:after-prepare",
+    "image-encrypt:after-header",
+    "image-encrypt:mid",
+    "image-encrypt:after-encrypt",
+];
+
+/// Runs `cryptfs image encrypt --image IMG --passphrase-file FILE EXTRA…` with `env`.
+pub fn image_encrypt(
+    img: &Path,
+    passphrase_file: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["image", "encrypt", "--image"])
+        .arg(img)
+        .arg("--passphrase-file")
+        .arg(passphrase_file)
+        .args(extra)
+        .env("CRYPTFS_LOG", "info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("cryptfs image encrypt")
+}
+
+/// The CI image made by `cryptfs image encrypt` from a plain ext4 image of `src`, with the
+/// passphrase in keyslot 31 and label otaroot (the defaults). Returns the command's output.
+pub fn make_cryptfs_ci_image(img: &Path, size_mib: u64, src: &Path, passphrase: &str) -> Output {
+    make_ext4(img, size_mib, src);
+    let pass = img.with_extension("passphrase");
+    write_secret(&pass, passphrase);
+    let out = image_encrypt(img, &pass, &[], &[]);
+    assert!(
+        out.status.success(),
+        "cryptfs image encrypt: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&pass).expect("rm passphrase file");
+    out
 }
 
 impl Rig {
     pub fn new(image: Image, size_mib: u64) -> Rig {
+        Rig::with_image(size_mib, |device, src| match image {
+            Image::Plain => make_ext4(device, size_mib, src),
+            Image::Ci => make_ci_image(device, size_mib, src, CI_PASSPHRASE),
+            Image::CryptfsCi => {
+                make_cryptfs_ci_image(device, size_mib, src, CI_PASSPHRASE);
+            }
+        })
+    }
+
+    /// A rig whose device `make(device, src)` makes from the sample tree in `src`.
+    pub fn with_image(size_mib: u64, make: impl FnOnce(&Path, &Path)) -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
         let tpm = Swtpm::start(dir.path());
         let src = dir.path().join("src");
         let files = sample_tree(&src, size_mib);
         let device = dir.path().join("root.img");
-        match image {
-            Image::Plain => make_ext4(&device, size_mib, &src),
-            Image::Ci => make_ci_image(&device, size_mib, &src, CI_PASSPHRASE),
-        }
+        make(&device, &src);
         let boot = dir.path().join("boot");
         std::fs::create_dir_all(&boot).expect("boot");
         let config = dir.path().join("cryptfs.toml");
@@ -489,17 +582,7 @@ impl Rig {
             String::from_utf8_lossy(&fsck.stdout)
         );
         let out_dir = self.dir.path().join("extracted");
-        let _ = std::fs::remove_dir_all(&out_dir);
-        std::fs::create_dir_all(&out_dir).expect("mkdir");
-        run(
-            "debugfs",
-            &[
-                "-R",
-                &format!("rdump / {}", out_dir.display()),
-                &plain.display().to_string(),
-            ],
-        );
-        let files = tree_hashes(&out_dir);
+        let files = files_of_ext4_image(&plain, &out_dir);
         std::fs::remove_file(&plain).expect("rm plain");
         std::fs::remove_dir_all(&out_dir).expect("rm extracted");
         files

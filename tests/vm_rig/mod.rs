@@ -489,6 +489,8 @@ pub enum RootImage {
     Plain,
     /// LUKS2 made the reference's CI way (slot 31, well-known passphrase).
     CiLuks,
+    /// The same CI image made by `cryptfs image encrypt` (PBKDF2 keyslot 31, key-origin marker).
+    CryptfsCiLuks,
     /// [`RootImage::CiLuks`] holding a Debian root with systemd as PID 1 ([`systemd_root`]):
     /// the initramfs hands over with `switch_root`, systemd starts `cryptfs.service`.
     SystemdCiLuks,
@@ -563,6 +565,9 @@ impl Disk {
             RootImage::Plain => common::make_ext4(&root, root_mib, &src),
             RootImage::CiLuks => {
                 common::make_ci_image(&root, root_mib, &src, common::CI_PASSPHRASE)
+            }
+            RootImage::CryptfsCiLuks => {
+                common::make_cryptfs_ci_image(&root, root_mib, &src, common::CI_PASSPHRASE);
             }
             RootImage::SystemdCiLuks => {
                 systemd_root(&src);

@@ -8,9 +8,12 @@
 //! | `bench` | deps, release build, cryptfs against the cryptsetup CLI on the same images |
 //! | `vm [filter]` | deps, then the QEMU boot scenarios (all, or those matching the filter) |
 //! | `fuzz [secs]` | seed corpus from real artefacts, then every cargo-fuzz target for `secs` (60) |
+//! | `oe-lint` | oelint-adv over every recipe, append and class of `meta-cryptfs/` (also in `test`) |
+//! | `oe-crates [--check]` | writes (or checks) the cryptfs recipe's crate list in `meta-cryptfs/` from `Cargo.lock` |
 
 mod bench;
 mod demo;
+mod oe;
 mod qemu;
 mod sh;
 
@@ -51,6 +54,8 @@ pub const PACKAGES: &[&str] = &[
     "dosfstools",
     "mtools",
     "efitools",
+    // `cryptfs image encrypt --partition` tests: GPT disk images made by sgdisk.
+    "gdisk",
     // The VM tier with systemd as PID 1 (tests/vm_systemd.rs): its Debian root.
     "mmdebstrap",
 ];
@@ -59,6 +64,8 @@ fn main() -> Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();
     match task.as_str() {
         "deps" => deps(),
+        "oe-lint" => oe::lint(),
+        "oe-crates" => oe::crates(std::env::args().nth(2).as_deref() == Some("--check")),
         "test" => test(),
         "demo" => {
             deps()?;
@@ -76,7 +83,7 @@ fn main() -> Result<()> {
             deps()?;
             fuzz(std::env::args().nth(2).as_deref())
         }
-        _ => bail!("usage: cargo xtask <deps|test|demo|bench|vm [filter]|fuzz [secs]>"),
+        _ => bail!("usage: cargo xtask <deps|test|demo|bench|vm [filter]|fuzz [secs]|oe-crates [--check]|oe-lint>"),
     }
 }
 
@@ -85,6 +92,12 @@ fn main() -> Result<()> {
 /// installed and the packages apt wanted to remove are named. The real install then runs with
 /// `--no-remove` as well (apt-get aborts rather than remove).
 fn deps() -> Result<()> {
+    apt_deps()?;
+    oe::install_oelint()
+}
+
+/// The Debian packages of [`PACKAGES`] (see [`deps`]).
+fn apt_deps() -> Result<()> {
     let mut missing: Vec<String> = PACKAGES
         .iter()
         .copied()
@@ -193,6 +206,9 @@ fn test() -> Result<()> {
             "warnings",
         ],
     )?;
+    // The OE layer: its crate list matches Cargo.lock, oelint-adv finds nothing.
+    oe::crates(true)?;
+    oe::lint()?;
     // Host tier. The crash harnesses and the VM suite run on their own below, with their
     // tables and figures printed.
     sh::run(

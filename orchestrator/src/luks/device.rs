@@ -14,9 +14,18 @@ use crate::secret::Passphrase;
 /// The KDF systemd uses for token keyslots: the secret is already 256 bits of entropy, so a
 /// slow KDF buys nothing and costs boot time.
 pub fn token_pbkdf() -> CryptPbkdfType {
+    pbkdf2(PBKDF2_TOKEN_HASH)
+}
+
+/// The hash of [`token_pbkdf`] (systemd's).
+pub const PBKDF2_TOKEN_HASH: &str = "sha512";
+
+/// PBKDF2 with `hash` at libcryptsetup's minimum of 1000 iterations, no benchmark: for
+/// keyslots whose passphrase has full entropy (a KEK secret) or is public (a CI image's).
+pub fn pbkdf2(hash: &str) -> CryptPbkdfType {
     CryptPbkdfType {
         type_: CryptKdf::Pbkdf2,
-        hash: Some("sha512".to_string()),
+        hash: Some(hash.to_string()),
         time_ms: 0,
         iterations: 1000,
         max_memory_kb: 0,

@@ -66,22 +66,42 @@ fn params(kind: Kind, flags: CryptReencrypt, hotzone_bytes: u64) -> CryptParamsR
     }
 }
 
+/// What the header made by [`prepare_in_place`] says about itself.
+#[derive(Debug, Clone, Copy)]
+pub struct InPlaceHeader<'a> {
+    /// The LUKS2 UUID.
+    pub uuid: uuid::Uuid,
+    /// The LUKS2 label.
+    pub label: &'a str,
+    /// The keyslot of the passphrase (`None`: the first free one).
+    pub keyslot: Option<u32>,
+    /// Where the volume key comes from, recorded in the cryptfs marker token: `InPlace` on a
+    /// device, `Image` for a CI image made on the build host (shared by every device flashed
+    /// from it, so the device re-encrypts even with an empty journal).
+    pub origin: cryptfs_states::VolumeKeyOrigin,
+    /// The PBKDF2 hash of the passphrase's keyslot (1000 iterations either way). It is also
+    /// the keyslot's anti-forensic hash: `sha256` gives the layout of a keyslot the
+    /// cryptsetup CLI makes (its AF hash default), systemd's token keyslots use `sha512`.
+    pub pbkdf_hash: &'a str,
+}
+
 /// Formats a detached LUKS2 header in `temp_header` for in-place encryption of `device` and
 /// initialises the encryption there (this moves the first 16 MiB of data to the free tail).
 ///
 /// Precondition: the filesystem on `device` ends at least 32 MiB before the device's end.
 /// Writes to `device` only in its last 32 MiB (the space the shrink freed). Safe to repeat from
 /// scratch as long as the header has not been placed on the device. `token` receives the new
-/// keyslot number and returns the KEK token to store in the same header, so that the volume is
-/// token-enrolled from its first byte on disk.
+/// keyslot number and returns the KEK token to store in the same header (if any), so that the
+/// volume is token-enrolled from its first byte on disk. The passphrase's keyslot uses PBKDF2
+/// with 1000 iterations: a KEK secret has full entropy, and the passphrase of a CI image is
+/// public, so a costly KDF would only slow every first boot.
 pub fn prepare_in_place(
     device: &Path,
     temp_header: &Path,
-    uuid: uuid::Uuid,
-    label: &str,
+    header: &InPlaceHeader<'_>,
     passphrase: &Passphrase,
     hotzone_bytes: u64,
-    token: impl FnOnce(u32) -> serde_json::Value,
+    token: impl FnOnce(u32) -> Option<serde_json::Value>,
 ) -> crate::Result<u32> {
     // Key material (the keyslot area): created afresh, never through an existing file or a
     // symlink planted there (O_EXCL), and private from its first byte (mode 0600, whatever the
@@ -97,26 +117,34 @@ pub fn prepare_in_place(
     let mut cd =
         CryptInit::init_with_data_device(libcryptsetup_rs::Either::Right((temp_header, device)))
             .context("libcryptsetup cannot open the temporary header")?;
-    cd.settings_handle().set_pbkdf_type(&token_pbkdf())?;
+    cd.settings_handle()
+        .set_pbkdf_type(&super::device::pbkdf2(header.pbkdf_hash))?;
     cd.set_data_offset(DATA_OFFSET_BYTES / 512)?;
-    let luks2 = luks2_params(Some(label));
+    let luks2 = luks2_params(Some(header.label));
     let mut luks2_ref: CryptParamsLuks2Ref<'_> = (&luks2).try_into()?;
     cd.context_handle()
         .format(
             EncryptionFormat::Luks2,
             CIPHER,
-            Some(uuid),
+            Some(header.uuid),
             libcryptsetup_rs::Either::Right(VOLUME_KEY_BYTES),
             Some(&mut luks2_ref),
         )
         .context("cannot format the temporary LUKS2 header")?;
     let keyslot = cd
         .keyslot_handle()
-        .add_by_key(None, None, passphrase.expose(), NO_VOLUME_KEY_FLAGS)
-        .context("cannot add the KEK keyslot to the temporary header")?;
-    cd.token_handle()
-        .json_set(libcryptsetup_rs::TokenInput::AddToken(&token(keyslot)))
-        .context("cannot add the KEK token to the temporary header")?;
+        .add_by_key(
+            header.keyslot,
+            None,
+            passphrase.expose(),
+            NO_VOLUME_KEY_FLAGS,
+        )
+        .context("cannot add the passphrase keyslot to the temporary header")?;
+    if let Some(token) = token(keyslot) {
+        cd.token_handle()
+            .json_set(libcryptsetup_rs::TokenInput::AddToken(&token))
+            .context("cannot add the KEK token to the temporary header")?;
+    }
     let digest = match super::metadata::read(temp_header)? {
         super::metadata::HeaderKind::Luks2(meta) => meta.segment_digest().map(String::from),
         _ => None,
@@ -124,7 +152,7 @@ pub fn prepare_in_place(
     .context("the temporary header has no volume key digest")?;
     cd.token_handle()
         .json_set(libcryptsetup_rs::TokenInput::AddToken(
-            &super::marker::token(cryptfs_states::VolumeKeyOrigin::InPlace, &digest),
+            &super::marker::token(header.origin, &digest),
         ))
         .context("cannot add the cryptfs marker to the temporary header")?;
     cd.reencrypt_handle()

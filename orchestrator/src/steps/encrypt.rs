@@ -103,7 +103,7 @@ fn resize2fs_minimum_blocks(device: &Path) -> crate::Result<u64> {
 
 /// resize2fs truncates an image *file* to the new filesystem size; the LUKS2 header and the data
 /// shift need the device's original length back (a block device keeps its size anyway).
-fn restore_image_length(dev: &Path, size_bytes: u64) -> crate::Result<()> {
+pub fn restore_image_length(dev: &Path, size_bytes: u64) -> crate::Result<()> {
     let meta = std::fs::metadata(dev)?;
     if meta.is_file() && meta.len() < size_bytes {
         let file = std::fs::OpenOptions::new().write(true).open(dev)?;
@@ -176,12 +176,11 @@ fn check_stale_temp_header(ctx: &StepContext<'_>) -> crate::Result<()> {
     Ok(())
 }
 
-fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::Result<()> {
-    let dev = ctx.config.device.clone();
-    check_stale_temp_header(ctx)?;
-    let size_bytes = restore_journaled_length(ctx, size_bytes)?;
+/// Every check of in-place encryption that needs no key and writes nothing: the device can lose
+/// 32 MiB, the filesystem fits it, is clean (`e2fsck -n`) and can shrink enough. Returns the
+/// block count the filesystem is shrunk to. Shared with `cryptfs image encrypt`.
+pub fn check_shrinkable(dev: &Path, fs: &Ext4Facts, size_bytes: u64) -> crate::Result<u64> {
     let dev_str = dev.display().to_string();
-    // Preconditions, all before the first write.
     let target_bytes = size_bytes
         .checked_sub(REDUCE_DEVICE_BYTES)
         .filter(|b| *b >= 64 * 1024 * 1024)
@@ -202,7 +201,7 @@ fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::R
         );
     }
     if fs.blocks > target_blocks {
-        let minimum = resize2fs_minimum_blocks(&dev)?;
+        let minimum = resize2fs_minimum_blocks(dev)?;
         if minimum > target_blocks {
             let short_mib = (minimum - target_blocks) * fs.block_size / (1024 * 1024) + 1;
             bail!(
@@ -212,6 +211,38 @@ fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::R
             );
         }
     }
+    Ok(target_blocks)
+}
+
+/// The shrink itself: `e2fsck -p`, `resize2fs` to `target_blocks` (when needed), the device's
+/// length back (an image file) and the last check that 32 MiB are free after the filesystem.
+/// Shared with `cryptfs image encrypt`.
+pub fn shrink(
+    dev: &Path,
+    fs: &Ext4Facts,
+    target_blocks: u64,
+    size_bytes: u64,
+) -> crate::Result<()> {
+    let dev_str = dev.display().to_string();
+    cmd::run("e2fsck", &["-p", "-f", &dev_str], &[0, 1])?;
+    if fs.blocks > target_blocks {
+        tracing::info!(
+            from = fs.blocks,
+            to = target_blocks,
+            "shrinking the filesystem"
+        );
+        cmd::run("resize2fs", &[&dev_str, &target_blocks.to_string()], &[0])?;
+    }
+    restore_image_length(dev, size_bytes)?;
+    ensure_room_for_header(dev, size_bytes)
+}
+
+fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::Result<()> {
+    let dev = ctx.config.device.clone();
+    check_stale_temp_header(ctx)?;
+    let size_bytes = restore_journaled_length(ctx, size_bytes)?;
+    // Preconditions, all before the first write.
+    let target_blocks = check_shrinkable(&dev, fs, size_bytes)?;
     ctx.kek.preflight()?;
 
     // Seal first: the sealed form is public and goes into the journal, the secret itself only
@@ -233,17 +264,7 @@ fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::R
     )?;
     failpoint::hit("encrypt-in-place:after-intent");
 
-    cmd::run("e2fsck", &["-p", "-f", &dev_str], &[0, 1])?;
-    if fs.blocks > target_blocks {
-        tracing::info!(
-            from = fs.blocks,
-            to = target_blocks,
-            "shrinking the filesystem"
-        );
-        cmd::run("resize2fs", &[&dev_str, &target_blocks.to_string()], &[0])?;
-    }
-    restore_image_length(&dev, size_bytes)?;
-    ensure_room_for_header(&dev, size_bytes)?;
+    shrink(&dev, fs, target_blocks, size_bytes)?;
     ctx.rec.substep(STEP, "shrunk")?;
     failpoint::hit("encrypt-in-place:after-shrink");
 
@@ -265,11 +286,16 @@ fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::R
     reencrypt::prepare_in_place(
         &dev,
         &temp_header,
-        uuid,
-        &ctx.config.label,
+        &reencrypt::InPlaceHeader {
+            uuid,
+            label: &ctx.config.label,
+            keyslot: None,
+            origin: VolumeKeyOrigin::InPlace,
+            pbkdf_hash: crate::luks::device::PBKDF2_TOKEN_HASH,
+        },
         &passphrase,
         ctx.config.reencrypt.hotzone_size,
-        |slot| sealed.token(token_type, slot),
+        |slot| Some(sealed.token(token_type, slot)),
     )?;
     // The first 16 MiB of plaintext now also lives at the tail. Make that copy durable before
     // the header goes over the original (window C of the crash-windows note).
