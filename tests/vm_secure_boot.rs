@@ -28,27 +28,22 @@ fn new_disk() -> Disk {
 }
 
 /// Figures of this run, per scenario.
-static FIGURES: std::sync::Mutex<Vec<(String, String, String)>> = std::sync::Mutex::new(Vec::new());
+static FIGURES: vm_rig::Figures = std::sync::Mutex::new(Vec::new());
 
 /// Prints a figure and rewrites `design/results/vm-secure-boot-<scenario>.md` with every figure
 /// of the scenario measured in this run.
 fn figure(scenario: &str, what: &str, value: impl std::fmt::Display) {
-    let value = value.to_string();
-    eprintln!("VM-FIGURE | secure boot, {scenario} | {what} | {value} |");
-    let mut figures = FIGURES.lock().unwrap_or_else(|p| p.into_inner());
-    figures.push((scenario.to_string(), what.to_string(), value));
-    let rows: String = figures
-        .iter()
-        .filter(|(s, _, _)| s == scenario)
-        .map(|(_, w, v)| format!("| {w} | {v} |\n"))
-        .collect();
-    let slug = scenario.replace(|c: char| !c.is_ascii_alphanumeric(), "-");
-    common::write_result(
-        &format!("vm-secure-boot-{slug}.md"),
+    vm_rig::record_figure(
+        &FIGURES,
+        "secure boot",
+        "vm-secure-boot",
         &format!(
             "# VM scenario, UEFI Secure Boot: {scenario}\n\nWritten by `tests/vm_secure_boot.rs` \
-             (QEMU TCG, 1 vCPU, OVMF) on its last run.\n\n| figure | value |\n|---|---|\n{rows}"
+             (QEMU TCG, 1 vCPU, OVMF) on its last run."
         ),
+        scenario,
+        what,
+        value.to_string(),
     );
 }
 

@@ -114,6 +114,17 @@ mark "mounted uptime=$(cut -d' ' -f1 /proc/uptime)"
 # The module unmounts the boot partition it mounted; the real system mounts it again from
 # fstab (the unit's RequiresMountsFor=), and so does the rig.
 grep -q " /boot " /proc/mounts && mark "boot-left-mounted"
+if [ "$(arg cryptfs.vm.pid1)" = systemd ]; then
+	# The systemd tier: the root's own systemd runs cryptfs.service (and the rig's driver).
+	# The configuration this boot used goes with it; the kernel filesystems move along, as
+	# initramfs-framework's finish module does.
+	cp /etc/cryptfs/cryptfs.toml "$ROOTFS_DIR/etc/cryptfs/cryptfs.toml" ||
+		fatal "cannot install the configuration on the root"
+	for d in dev proc sys run; do
+		mount -o move "/$d" "$ROOTFS_DIR/$d" || fatal "cannot move /$d"
+	done
+	exec switch_root "$ROOTFS_DIR" /sbin/init
+fi
 mount "$(findfs LABEL=boot)" /boot || fatal "cannot mount the boot partition"
 # An OTA agent's part of a planned Secure Boot database update, and the update itself.
 pcr7=$(arg cryptfs.vm.prepare_pcr7)

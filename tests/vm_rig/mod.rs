@@ -213,6 +213,61 @@ fn add_program(root: &Path, host: &Path, name: &str) {
     }
 }
 
+/// Figures measured by one test binary: (scenario, what, value), in the order measured.
+pub type Figures = std::sync::Mutex<Vec<(String, String, String)>>;
+
+/// Prints a figure (`VM-FIGURE | <label>, <scenario> | …`) and rewrites
+/// `design/results/<prefix>-<scenario slug>.md` — `intro` (title and source), then every figure
+/// of the scenario measured in this run: the README links to those files instead of typing
+/// figures.
+pub fn record_figure(
+    figures: &Figures,
+    label: &str,
+    prefix: &str,
+    intro: &str,
+    scenario: &str,
+    what: &str,
+    value: String,
+) {
+    eprintln!("VM-FIGURE | {label}, {scenario} | {what} | {value} |");
+    let mut figures = figures.lock().unwrap_or_else(|p| p.into_inner());
+    figures.push((scenario.to_string(), what.to_string(), value));
+    let rows: String = figures
+        .iter()
+        .filter(|(s, _, _)| s == scenario)
+        .map(|(_, w, v)| format!("| {w} | {v} |\n"))
+        .collect();
+    let slug = scenario.replace(|c: char| !c.is_ascii_alphanumeric(), "-");
+    common::write_result(
+        &format!("{prefix}-{slug}.md"),
+        &format!("{intro}\n\n| figure | value |\n|---|---|\n{rows}"),
+    );
+}
+
+/// Installs the project's binary as /usr/bin/cryptfs of an image, without debug info (the
+/// initramfs is loaded into guest RAM), with the libraries `ldd` finds and the dlopen'ed ones.
+fn add_cryptfs(root: &Path) {
+    let cryptfs = root.join("usr/bin/cryptfs");
+    sh(
+        "strip",
+        &["-o", &cryptfs.display().to_string(), common::BIN],
+    );
+    for lib in libraries(Path::new(common::BIN)) {
+        copy_into(root, &lib);
+    }
+    for lib in DLOPENED {
+        let host = ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu"]
+            .iter()
+            .map(|d| Path::new(d).join(lib))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{lib} not installed"));
+        copy_into(root, &host);
+        for dep in libraries(&host) {
+            copy_into(root, &dep);
+        }
+    }
+}
+
 /// The ExecStart= of the unit, as the guest runs it.
 pub fn unit_exec_start() -> String {
     SERVICE_UNIT
@@ -276,15 +331,7 @@ fn build_initramfs(kernel_root: &Path, version: &str, out: &Path) {
     // busybox and its applets (only where no real program of that name comes along).
     let busybox = root.join("usr/bin/busybox");
     std::fs::copy("/bin/busybox", &busybox).expect("busybox-static");
-    // The project's binary, without debug info (the initramfs is loaded into guest RAM).
-    let cryptfs = root.join("usr/bin/cryptfs");
-    sh(
-        "strip",
-        &["-o", &cryptfs.display().to_string(), common::BIN],
-    );
-    for lib in libraries(Path::new(common::BIN)) {
-        copy_into(&root, &lib);
-    }
+    add_cryptfs(&root);
     for p in PROGRAMS {
         let name = Path::new(p)
             .file_name()
@@ -293,17 +340,6 @@ fn build_initramfs(kernel_root: &Path, version: &str, out: &Path) {
             .into_owned();
         let host = Path::new(p).canonicalize().expect("program installed");
         add_program(&root, &host, &name);
-    }
-    for lib in DLOPENED {
-        let host = ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu"]
-            .iter()
-            .map(|d| Path::new(d).join(lib))
-            .find(|p| p.exists())
-            .unwrap_or_else(|| panic!("{lib} not installed"));
-        copy_into(&root, &host);
-        for dep in libraries(&host) {
-            copy_into(&root, &dep);
-        }
     }
     for applet in sh("busybox", &["--list"]).lines() {
         let link = root.join("usr/bin").join(applet);
@@ -455,6 +491,9 @@ pub enum RootImage {
     CiLuks,
     /// The same CI image made by `cryptfs image encrypt` (PBKDF2 keyslot 31, key-origin marker).
     CryptfsCiLuks,
+    /// [`RootImage::CiLuks`] holding a Debian root with systemd as PID 1 ([`systemd_root`]):
+    /// the initramfs hands over with `switch_root`, systemd starts `cryptfs.service`.
+    SystemdCiLuks,
 }
 
 /// A disk image: MBR, boot partition, root partition; plus the TPM state of its device.
@@ -471,6 +510,8 @@ pub struct Disk {
     pub boots: u32,
     /// Boot partition size in bytes ([`BOOT_SIZE`] unless made with [`Disk::with_boot_size`]).
     pub boot_size: u64,
+    /// The root holds systemd ([`RootImage::SystemdCiLuks`]): boots pass `cryptfs.vm.pid1=systemd`.
+    pub systemd: bool,
 }
 
 fn mbr(entries: &[(u64, u64)]) -> [u8; 512] {
@@ -519,6 +560,7 @@ impl Disk {
         }
         std::fs::write(data.join("before.b3"), manifest).expect("manifest");
         let root = dir.path().join("root.img");
+        let systemd = matches!(image, RootImage::SystemdCiLuks);
         match image {
             RootImage::Plain => common::make_ext4(&root, root_mib, &src),
             RootImage::CiLuks => {
@@ -526,6 +568,10 @@ impl Disk {
             }
             RootImage::CryptfsCiLuks => {
                 common::make_cryptfs_ci_image(&root, root_mib, &src, common::CI_PASSPHRASE);
+            }
+            RootImage::SystemdCiLuks => {
+                systemd_root(&src);
+                common::make_ci_image(&root, root_mib, &src, common::CI_PASSPHRASE)
             }
         }
         let boot = dir.path().join("boot.img");
@@ -575,6 +621,7 @@ impl Disk {
             tpm_state,
             boots: 0,
             boot_size,
+            systemd,
         }
     }
 
@@ -800,6 +847,9 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
             .map(|s| format!(" cryptfs.vm.restart_after={s}"))
             .unwrap_or_default()
     );
+    if disk.systemd {
+        append.push_str(" cryptfs.vm.pid1=systemd");
+    }
     if !opts.extra_args.is_empty() {
         append.push(' ');
         append.push_str(&opts.extra_args);
@@ -1258,4 +1308,198 @@ fn firmware_args(disk: &Disk, opts: &BootOptions, firmware: Firmware, append: &s
         ]);
     }
     args
+}
+
+/// Debian packages of the systemd root: systemd as PID 1, udev (which also handles the dm
+/// devices libcryptsetup makes during online re-encryption: `dmsetup` brings the rules that
+/// complete libdevmapper's udev synchronisation), e2fsprogs (resize2fs of the mounted root),
+/// and libcryptsetup as Debian ships it. The TPM libraries come from the host with `ldd`, as
+/// for the initramfs.
+const SYSTEMD_ROOT_PACKAGES: &str = "systemd-sysv,udev,e2fsprogs,dmsetup,libcryptsetup12";
+/// What the root tarball leaves out (documentation, translations, udev's hardware database
+/// sources): the root partition stays small, re-encryption short.
+const SYSTEMD_ROOT_PATH_EXCLUDES: &[&str] = &[
+    "/usr/share/doc/*",
+    "/usr/share/man/*",
+    "/usr/share/locale/*",
+    "/usr/share/info/*",
+    "/usr/lib/udev/hwdb.d/*",
+];
+/// What the root partition leaves out of the tarball: what only installing packages needs (perl
+/// for usrmerge's scripts, apt's lists and cache), iconv modules and udev's compiled hardware
+/// database; nothing at boot uses them.
+const SYSTEMD_ROOT_TAR_EXCLUDES: &[&str] = &[
+    "./usr/share/perl",
+    "./usr/lib/x86_64-linux-gnu/perl",
+    "./usr/lib/x86_64-linux-gnu/gconv",
+    "./usr/lib/udev/hwdb.bin",
+    "./var/cache/apt/*",
+    "./var/lib/apt/lists/*",
+];
+/// The test driver of the systemd tier (a unit of the rig, not of the product).
+const SYSTEMD_DRIVER: &str = include_str!("systemd-driver.sh");
+const GENERATOR: &str = include_str!("../../units/cryptfs-generator");
+
+/// The Debian root tarball (mmdebstrap from the machine's own apt sources), cached under the
+/// target directory between runs and named by its package list, so a change rebuilds it.
+fn systemd_root_tarball() -> &'static Path {
+    static TARBALL: OnceLock<PathBuf> = OnceLock::new();
+    TARBALL.get_or_init(|| {
+        let key = blake3::hash(
+            format!("{SYSTEMD_ROOT_PACKAGES}|{}", SYSTEMD_ROOT_PATH_EXCLUDES.join("|")).as_bytes(),
+        )
+        .to_hex()
+        .to_string();
+        let tarball = asset_dir().join(format!("systemd-root-{}.tar", &key[..16]));
+        if tarball.exists() {
+            return tarball;
+        }
+        let found = Command::new("sh")
+            .args(["-c", "command -v mmdebstrap"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "mmdebstrap missing: the systemd VM tier builds its Debian root with it (`cargo xtask deps`)"
+        );
+        std::fs::create_dir_all(asset_dir()).expect("asset dir");
+        let started = Instant::now();
+        let partial = tarball.with_extension("partial.tar");
+        let mut args = vec![
+            "--variant=minbase".to_string(),
+            "--format=tar".to_string(),
+            format!("--include={SYSTEMD_ROOT_PACKAGES}"),
+        ];
+        for p in SYSTEMD_ROOT_PATH_EXCLUDES {
+            args.push(format!("--dpkgopt=path-exclude={p}"));
+        }
+        args.extend([
+            "bookworm".to_string(),
+            partial.display().to_string(),
+            "-".to_string(),
+        ]);
+        // The machine's own apt sources on standard input: no mirror is named here.
+        let sources = std::fs::File::open("/etc/apt/sources.list.d/debian.sources")
+            .or_else(|_| std::fs::File::open("/etc/apt/sources.list"))
+            .expect("apt sources");
+        let out = Command::new("mmdebstrap")
+            .args(&args)
+            .stdin(sources)
+            .output()
+            .expect("mmdebstrap");
+        assert!(
+            out.status.success(),
+            "mmdebstrap failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::rename(&partial, &tarball).expect("tarball");
+        eprintln!(
+            "vm: systemd root tarball {} MiB made in {:.1} s",
+            std::fs::metadata(&tarball).map(|m| m.len() >> 20).unwrap_or(0),
+            started.elapsed().as_secs_f64()
+        );
+        tarball
+    })
+}
+
+/// Fills `root` with the Debian root with systemd and what the product installs into it:
+/// `/usr/bin/cryptfs` (the initramfs's binary) with its libraries, `cryptfs.service` enabled in
+/// multi-user.target, `cryptfs-generator`, an fstab mounting the boot partition on /boot (the
+/// unit's `RequiresMountsFor=`). The configuration is copied in by init.sh at each boot (the
+/// one it used). The rig adds its driver units (`systemd-driver.sh`), journald forwarding to
+/// the serial console, a machine id (no first-boot prompts), no gettys, and one test-only
+/// drop-in: `RestartSec=2s` instead of the shipped 2 minutes (design/boot.md).
+pub fn systemd_root(root: &Path) {
+    std::fs::create_dir_all(root).expect("root dir");
+    let mut tar = vec!["-C".to_string(), root.display().to_string()];
+    tar.extend(
+        SYSTEMD_ROOT_TAR_EXCLUDES
+            .iter()
+            .map(|e| format!("--exclude={e}")),
+    );
+    tar.extend([
+        "-xf".to_string(),
+        systemd_root_tarball().display().to_string(),
+    ]);
+    sh("tar", &tar.iter().map(String::as_str).collect::<Vec<_>>());
+    add_cryptfs(root);
+    add_program(
+        root,
+        &Path::new("/usr/bin/b3sum").canonicalize().expect("b3sum"),
+        "b3sum",
+    );
+    let write = |path: &str, text: &str, mode: u32| {
+        let p = root.join(path);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&p, text).expect("write");
+        sh("chmod", &[&format!("{mode:o}"), &p.display().to_string()]);
+    };
+    let link = |path: &str, to: &str| {
+        let p = root.join(path);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        let _ = std::fs::remove_file(&p);
+        std::os::unix::fs::symlink(to, &p).expect("symlink");
+    };
+    // The product's part.
+    write(
+        "usr/lib/systemd/system/cryptfs.service",
+        SERVICE_UNIT,
+        0o644,
+    );
+    link(
+        "etc/systemd/system/multi-user.target.wants/cryptfs.service",
+        "/usr/lib/systemd/system/cryptfs.service",
+    );
+    write(
+        "usr/lib/systemd/system-generators/cryptfs-generator",
+        GENERATOR,
+        0o755,
+    );
+    std::fs::create_dir_all(root.join("etc/cryptfs")).expect("mkdir");
+    std::fs::create_dir_all(root.join("boot")).expect("mkdir");
+    write("etc/fstab", "LABEL=boot /boot ext4 defaults 0 0\n", 0o644);
+    // The rig's part.
+    write(
+        "etc/systemd/system/cryptfs.service.d/90-vm-test.conf",
+        "# VM tier only: restart after a kill within the test's budget (shipped: 2min).\n\
+         [Service]\nRestartSec=2s\n",
+        0o644,
+    );
+    write("usr/local/sbin/cryptfs-vm-driver", SYSTEMD_DRIVER, 0o755);
+    write(
+        "etc/systemd/system/cryptfs-vm-driver.service",
+        "[Unit]\nDescription=cryptfs VM tier: workload and scenario driver\n\
+         After=cryptfs.service\n\n[Service]\nType=exec\n\
+         ExecStart=/usr/local/sbin/cryptfs-vm-driver run\n\n[Install]\nWantedBy=multi-user.target\n",
+        0o644,
+    );
+    link(
+        "etc/systemd/system/multi-user.target.wants/cryptfs-vm-driver.service",
+        "/etc/systemd/system/cryptfs-vm-driver.service",
+    );
+    // Stopped after cryptfs.service at shutdown (stop order is the reverse of start order):
+    // reports how the unit ended once it has.
+    write(
+        "etc/systemd/system/cryptfs-vm-witness.service",
+        "[Unit]\nDescription=cryptfs VM tier: reports how cryptfs.service stopped\n\
+         Before=cryptfs.service\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\n\
+         ExecStart=/bin/true\nExecStop=/usr/local/sbin/cryptfs-vm-driver stopped\n\n\
+         [Install]\nWantedBy=multi-user.target\n",
+        0o644,
+    );
+    link(
+        "etc/systemd/system/multi-user.target.wants/cryptfs-vm-witness.service",
+        "/etc/systemd/system/cryptfs-vm-witness.service",
+    );
+    write(
+        "etc/systemd/journald.conf.d/90-vm.conf",
+        "[Journal]\nStorage=volatile\nForwardToConsole=yes\nMaxLevelConsole=info\n",
+        0o644,
+    );
+    for getty in ["serial-getty@ttyS0.service", "getty@tty1.service"] {
+        link(&format!("etc/systemd/system/{getty}"), "/dev/null");
+    }
+    let id = format!("{}\n", "6372797074667376".repeat(2));
+    write("etc/machine-id", &id, 0o444);
+    write("etc/hostname", "cryptfs-vm\n", 0o644);
 }

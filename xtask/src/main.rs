@@ -56,6 +56,8 @@ pub const PACKAGES: &[&str] = &[
     "efitools",
     // `cryptfs image encrypt --partition` tests: GPT disk images made by sgdisk.
     "gdisk",
+    // The VM tier with systemd as PID 1 (tests/vm_systemd.rs): its Debian root.
+    "mmdebstrap",
 ];
 
 fn main() -> Result<()> {
@@ -251,8 +253,8 @@ fn test() -> Result<()> {
 /// a time at most (one per test thread), figures printed.
 fn vm(filter: Option<&str>) -> Result<()> {
     // The direct boots, the lost-write states (tests/vm_lost_writes.rs), then the UEFI
-    // Secure Boot scenarios.
-    for test in ["vm", "vm_lost_writes", "vm_secure_boot"] {
+    // Secure Boot scenarios, then systemd as PID 1.
+    for test in ["vm", "vm_lost_writes", "vm_secure_boot", "vm_systemd"] {
         let mut args = vec![
             "test",
             "--package",

@@ -1,0 +1,161 @@
+#!/bin/sh
+# The systemd tier's test driver (installed by the rig as /usr/local/sbin/cryptfs-vm-driver;
+# not part of the product). `run` (cryptfs-vm-driver.service, after cryptfs.service started):
+# writes and re-reads files on the mounted root while cryptfs.service works, samples
+# `systemctl status cryptfs`, performs the scenario's action (kernel argument
+# cryptfs.vm.action=reboot-at:N or kill-at:N, N a re-encryption percentage), then reports and
+# powers off. `stopped` (ExecStop= of cryptfs-vm-witness.service, which stops after
+# cryptfs.service at shutdown): reports how cryptfs.service ended. Reports on the serial console
+# as "CRYPTFS-VM: ..." lines for the host.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+exec >/dev/ttyS0 2>&1
+mark() { echo "CRYPTFS-VM: $*"; }
+arg() { tr ' ' '\n' </proc/cmdline | sed -n "s/^$1=//p"; }
+show() { systemctl show -p "$1" --value cryptfs.service; }
+
+if [ "$1" = stopped ]; then
+	mark "after-stop result=$(show Result) status=$(show ExecMainStatus) code=$(show ExecMainCode)"
+	exit 0
+fi
+
+boot_no=$(arg cryptfs.vm.boot)
+action=$(arg cryptfs.vm.action)
+at=${action#*:}
+action=${action%%:*}
+mark "systemd-up uptime=$(cut -d' ' -f1 /proc/uptime)"
+cd /data || {
+	mark "fatal no /data on the root filesystem"
+	systemctl poweroff
+	exit 1
+}
+check() {
+	echo 3 >/proc/sys/vm/drop_caches
+	b3sum -c --quiet before.b3 || return 1
+	if [ -f during.b3 ]; then b3sum -c --quiet during.b3 || return 1; fi
+	return 0
+}
+check && mark "files-ok-at-mount $(cat during.b3 2>/dev/null | wc -l)" || mark "files-bad-at-mount"
+
+# The dm devices' suspended flags (sysfs), as "name=0|1" words.
+suspended() {
+	for d in /sys/block/dm-*/dm; do
+		[ -f "$d/suspended" ] && printf '%s=%s ' "$(cat "$d/name")" "$(cat "$d/suspended")"
+	done
+}
+# Whether any dm device is suspended (shell builtins only: cheap enough to poll).
+any_suspended() {
+	for f in /sys/block/dm-*/dm/suspended; do
+		[ -f "$f" ] || continue
+		read -r s <"$f"
+		[ "$s" = 1 ] && return 0
+	done
+	return 1
+}
+# A write to the mounted root that must finish within 10 s: a suspended mapping under it
+# would block it (in the kernel, unkillable: so it runs in the background and is only waited
+# for).
+probe() {
+	rm -f /run/probe-ok
+	(echo "$1" >"/data/probe-$1" && sync && touch /run/probe-ok) &
+	i=0
+	while [ ! -f /run/probe-ok ] && [ "$i" -lt 100 ]; do
+		sleep 0.1
+		i=$((i + 1))
+	done
+	[ -f /run/probe-ok ]
+}
+
+# Every 30 s: the dm devices' suspended flags and every task sleeping somewhere else than
+# the usual idle waits (a stall shows where it is stuck; reading /proc touches no disk).
+(
+	while sleep 30; do
+		out=""
+		for p in /proc/[0-9]*; do
+			read -r w <"$p/wchan" 2>/dev/null || continue
+			case "$w" in 0 | ep_poll | do_wait | hrtimer_nanosleep | do_select | do_sys_poll | do_epoll_wait | kthreadd | worker_thread | smpboot_thread_fn | rescuer_thread | kswapd | kcompactd | khugepaged | ksoftirqd | schedule_timeout | devtmpfsd | sigsuspend | pipe_read | wait_woken) continue ;; esac
+			read -r c <"$p/comm" 2>/dev/null
+			out="$out ${p#/proc/}:$c:$w"
+		done
+		mark "diag suspended: $(suspended) waiting:$out"
+	done
+) &
+n=0
+bad=0
+statuses=0
+kills=0
+done_action=
+while :; do
+	state=$(show ActiveState)
+	case "$state" in
+	active | activating | deactivating | reloading) ;;
+	*) break ;;
+	esac
+	n=$((n + 1))
+	f="during-$boot_no-$n.bin"
+	dd if=/dev/urandom of="$f" bs=64k count=4 2>/dev/null
+	sync
+	b3sum "$f" >>during.b3
+	sync
+	# Only the new file is re-read here (through dm-crypt, caches dropped): cryptfs.service
+	# runs with CPUSchedulingPolicy=idle and gets the CPU only while the workload waits, so a
+	# full re-read every round would starve it on one emulated vCPU. Everything is re-read at
+	# the start and at the end.
+	echo 3 >/proc/sys/vm/drop_caches
+	tail -n 1 during.b3 | b3sum -c --quiet || bad=$((bad + 1))
+	status=$(systemctl status cryptfs.service --no-pager 2>/dev/null | sed -n 's/^ *Status: //p')
+	if [ -n "$status" ]; then
+		statuses=$((statuses + 1))
+		mark "status-line $status"
+	fi
+	pct=$(show StatusText | sed -n 's/^reencrypt: *\([0-9]*\)%.*/\1/p')
+	if [ -z "$done_action" ] && [ -n "$pct" ] && [ "$pct" -ge "${at:-0}" ]; then
+		case "$action" in
+		reboot-at)
+			done_action=1
+			mark "rebooting at $pct% written=$n bad-reads=$bad status-lines=$statuses"
+			systemctl reboot
+			exec sleep 600
+			;;
+		kill-at)
+			done_action=1
+			pid=$(show MainPID)
+			# Kill while a mapping is suspended, if that can be caught within about 20 s
+			# of polling (libcryptsetup suspends and resumes the stack around hotzone
+			# switches). The polls sleep in between: cryptfs runs at idle priority and
+			# only gets the CPU while the driver waits.
+			caught=0
+			i=0
+			while [ "$i" -lt 400 ]; do
+				if any_suspended; then
+					caught=1
+					break
+				fi
+				sleep 0.05
+				i=$((i + 1))
+			done
+			kill -KILL "$pid"
+			kills=$((kills + 1))
+			sleep 0.2
+			mark "killed pid=$pid at $pct% caught-suspended=$caught after-kill: $(suspended)"
+			if probe "$kills"; then
+				mark "probe-ok after-kill $kills"
+			else
+				mark "probe-blocked after-kill $kills: $(suspended)"
+			fi
+			;;
+		esac
+	fi
+	sleep 2
+done
+mark "userspace-exit $(show ExecMainStatus) result=$(show Result) restarts=$(show NRestarts) written=$n bad-reads=$bad status-lines=$statuses kills=$kills"
+check && mark "files-ok $(wc -l <during.b3)" || mark "files-bad"
+probe final && mark "probe-ok final" || mark "probe-blocked final: $(suspended)"
+state=$(cryptfs status --config /etc/cryptfs/cryptfs.toml --json | sed -n 's/^  "state": "\(.*\)",$/\1/p')
+mark "state $state"
+if [ "$(arg cryptfs.vm.analyze)" = 1 ]; then
+	systemctl is-system-running --wait >/dev/null 2>&1
+	mark "blame $(systemd-analyze blame --no-pager | grep ' cryptfs.service$' | tr -s ' ')"
+	mark "analyze $(systemd-analyze time --no-pager | head -n 1)"
+fi
+mark "end"
+systemctl poweroff

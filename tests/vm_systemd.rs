@@ -1,0 +1,315 @@
+//! The VM tier with real systemd as PID 1: a Debian root made with mmdebstrap (cached between
+//! runs) on the CI image's LUKS2 root partition; the initramfs provisions and unlocks as in
+//! `tests/vm.rs`, then `switch_root`s to systemd, which starts `cryptfs.service` (installed
+//! from `units/`, with `cryptfs-generator`) in multi-user.target. A rig unit (not the product's)
+//! runs the workload, samples `systemctl status cryptfs`, and performs the scenario's action
+//! (`systemctl reboot` mid-re-encryption). The SIGKILL scenario is not here: a kill mid-hotzone
+//! leaves the hotzone device suspended and the restarted unit cannot recover it
+//! (design/boot.md, "systemd as PID 1 tier"); the driver's `kill-at:N` action reproduces it.
+//!
+//! `cargo xtask vm` runs these after `tests/vm_secure_boot.rs`.
+
+mod common;
+#[path = "vm_rig/mod.rs"]
+mod vm_rig;
+
+use std::time::Instant;
+use vm_rig::{Boot, BootOptions, Disk, RootImage};
+
+/// Root partition: the Debian root (≈ 125 MiB with cryptfs), the "before" files (36 MiB), room
+/// for the workload, and the CI image's 32 MiB of header room (at 224 MiB resize2fs's minimum
+/// size estimate for the 192 MiB filesystem is already too large).
+const ROOT_MIB: u64 = 256;
+
+/// Figures of this run, per scenario.
+static FIGURES: vm_rig::Figures = std::sync::Mutex::new(Vec::new());
+
+/// Prints a figure and rewrites `design/results/vm-systemd-<scenario>.md` with every figure of
+/// the scenario measured in this run.
+fn figure(scenario: &str, what: &str, value: impl std::fmt::Display) {
+    vm_rig::record_figure(
+        &FIGURES,
+        "systemd",
+        "vm-systemd",
+        &format!(
+            "# VM scenario, systemd as PID 1: {scenario}\n\nWritten by `tests/vm_systemd.rs` \
+             (QEMU TCG, 1 vCPU, Debian 12 systemd 252 root) on its last run."
+        ),
+        scenario,
+        what,
+        value.to_string(),
+    );
+}
+
+/// A number after `key=` in a marker.
+fn field(marker: &str, key: &str) -> Option<u64> {
+    marker
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))?
+        .parse()
+        .ok()
+}
+
+/// A boot under systemd that ran the userspace stage to its end with the workload and verified
+/// every file; returns its `userspace-exit` marker.
+fn assert_finished<'a>(boot: &'a Boot, what: &str) -> &'a str {
+    let console = boot.console();
+    assert!(!boot.cut, "{what}: unexpected power cut");
+    assert!(boot.marker("fatal").is_none(), "{what}: fatal\n{console}");
+    assert!(
+        boot.marker("systemd-up").is_some(),
+        "{what}: the driver never ran under systemd\n{console}"
+    );
+    assert!(
+        boot.marker("files-ok-at-mount").is_some(),
+        "{what}: files bad at mount\n{console}"
+    );
+    let exit = boot
+        .marker("userspace-exit")
+        .unwrap_or_else(|| panic!("{what}: no userspace-exit\n{console}"));
+    assert!(
+        exit.starts_with("userspace-exit 0 result=success"),
+        "{what}: cryptfs.service did not succeed: {exit}\n{console}"
+    );
+    assert_eq!(
+        field(exit, "bad-reads"),
+        Some(0),
+        "{what}: {exit}\n{console}"
+    );
+    assert!(
+        boot.marker("files-ok ").is_some(),
+        "{what}: files bad\n{console}"
+    );
+    assert_eq!(
+        boot.marker("probe-ok final"),
+        Some("probe-ok final"),
+        "{what}: the root was not writable at the end\n{console}"
+    );
+    assert_eq!(
+        boot.marker("state "),
+        Some("state header-backed-up"),
+        "{what}\n{console}"
+    );
+    assert!(
+        boot.marker("end").is_some(),
+        "{what}: no clean end\n{console}"
+    );
+    exit
+}
+
+/// Seconds from kernel start to systemd's driver running.
+fn systemd_up_after(boot: &Boot) -> f64 {
+    boot.marker("systemd-up uptime=")
+        .and_then(|m| m.trim_start_matches("systemd-up uptime=").parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `systemd-analyze blame`'s time for cryptfs.service, in seconds (`123ms`, `1.234s`).
+fn blame_seconds(boot: &Boot) -> Option<f64> {
+    let m = boot.marker("blame ")?;
+    let t = m.trim_start_matches("blame ").split_whitespace().next()?;
+    if let Some(ms) = t.strip_suffix("ms") {
+        return ms.parse::<f64>().ok().map(|v| v / 1000.0);
+    }
+    t.strip_suffix('s')?.parse().ok()
+}
+
+#[test]
+fn vm_systemd_status_shows_progress_and_blame_cost() {
+    let started = Instant::now();
+    let mut disk = Disk::new(RootImage::SystemdCiLuks, ROOT_MIB);
+    let first = disk.boot(&BootOptions {
+        config: "background",
+        ..BootOptions::default()
+    });
+    let exit = assert_finished(&first, "first boot");
+    let console = first.console();
+    let status_lines: Vec<&str> = first
+        .markers()
+        .into_iter()
+        .filter(|m| m.starts_with("status-line \"reencrypt: ") && m.contains('%'))
+        .collect();
+    eprintln!(
+        "VM-COUNT | systemd, status | boots 1 | STATUS lines seen {} | files written {} |",
+        status_lines.len(),
+        field(exit, "written").unwrap_or(0)
+    );
+    assert!(
+        !status_lines.is_empty(),
+        "`systemctl status cryptfs` never showed re-encryption progress\n{console}"
+    );
+    assert_eq!(
+        field(exit, "status-lines"),
+        Some(
+            first
+                .markers()
+                .iter()
+                .filter(|m| m.starts_with("status-line"))
+                .count() as u64
+        )
+    );
+    assert!(
+        field(exit, "written").unwrap_or(0) >= 2,
+        "the workload wrote too little during re-encryption: {exit}"
+    );
+
+    let second = disk.boot(&BootOptions {
+        config: "background",
+        extra_args: "cryptfs.vm.analyze=1".into(),
+        ..BootOptions::default()
+    });
+    assert_finished(&second, "second boot");
+    let blame = blame_seconds(&second)
+        .unwrap_or_else(|| panic!("no blame for cryptfs.service\n{}", second.console()));
+    let analyze = second
+        .marker("analyze ")
+        .unwrap_or_else(|| panic!("no systemd-analyze\n{}", second.console()))
+        .trim_start_matches("analyze ")
+        .to_string();
+    assert!(analyze.starts_with("Startup finished"), "{analyze}");
+    let s = "status and blame";
+    figure(
+        s,
+        "first boot: kernel start to root mounted (s)",
+        first.mounted_after().unwrap_or(0.0),
+    );
+    figure(
+        s,
+        "first boot: kernel start to the driver running under systemd (s)",
+        systemd_up_after(&first),
+    );
+    figure(
+        s,
+        "`systemctl status` samples showing `Status: \"reencrypt: N% …\"`",
+        status_lines.len(),
+    );
+    figure(
+        s,
+        "files written by the workload during re-encryption",
+        field(exit, "written").unwrap_or(0),
+    );
+    figure(
+        s,
+        "completed device: `systemd-analyze blame` of cryptfs.service (s)",
+        blame,
+    );
+    figure(s, "completed device: `systemd-analyze time`", analyze);
+    figure(
+        s,
+        "second boot: kernel start to root mounted (s)",
+        second.mounted_after().unwrap_or(0.0),
+    );
+    figure(s, "scenario wall time (s)", started.elapsed().as_secs());
+}
+
+/// The position of the first console line containing `needle`.
+fn index_of(boot: &Boot, needle: &str) -> Option<usize> {
+    boot.lines.iter().position(|l| l.contains(needle))
+}
+
+/// Seconds between the first lines containing `from` and `to`, as the host received them.
+fn between(boot: &Boot, from: &str, to: &str) -> Option<f64> {
+    let a = index_of(boot, from)?;
+    let b = index_of(boot, to)?;
+    Some(
+        boot.line_times[b]
+            .saturating_duration_since(boot.line_times[a])
+            .as_secs_f64(),
+    )
+}
+
+/// `systemctl reboot` at 30 % of online re-encryption under `config`; the next boot resumes.
+fn reboot_mid_reencryption(config: &'static str) {
+    let started = Instant::now();
+    let mut disk = Disk::new(RootImage::SystemdCiLuks, ROOT_MIB);
+    let first = disk.boot(&BootOptions {
+        config,
+        extra_args: "cryptfs.vm.action=reboot-at:30".into(),
+        ..BootOptions::default()
+    });
+    let console = first.console();
+    assert!(!first.cut, "unexpected power cut");
+    assert!(
+        first.marker("rebooting at").is_some(),
+        "the driver never rebooted\n{console}"
+    );
+    // The unit stopped on SIGTERM between two hotzones: exit 75 (SuccessExitStatus=, result
+    // success), cryptfs's own record of it in the journal, the witness unit that stops after it
+    // ran, and the kernel restarted the machine (QEMU -no-reboot then exits).
+    let after_stop = first
+        .marker("after-stop")
+        .unwrap_or_else(|| panic!("the witness never reported the stop\n{console}"));
+    assert_eq!(
+        // ExecMainCode=1: CLD_EXITED (an exit, not a signal).
+        after_stop,
+        "after-stop result=success status=75 code=1",
+        "{console}"
+    );
+    assert!(first.saw("stopped on request"), "{console}");
+    assert!(
+        first.saw("reboot: Restarting system"),
+        "the shutdown did not complete\n{console}"
+    );
+    assert!(first.marker("end").is_none(), "{console}");
+    let stop_s =
+        between(&first, "CRYPTFS-VM: rebooting at", "CRYPTFS-VM: after-stop").unwrap_or(f64::MAX);
+    assert!(
+        stop_s < 90.0,
+        "the stop took {stop_s} s, beyond TimeoutStopSec=90s"
+    );
+    let meta = common::luks2(&disk.extract_root());
+    assert!(
+        meta.reencrypt_mode().is_some() && !meta.reencrypt_crashed(),
+        "after a clean stop the header must show an unfinished, uncrashed re-encryption"
+    );
+
+    let second = disk.boot(&BootOptions {
+        config,
+        ..BootOptions::default()
+    });
+    assert_finished(&second, "boot after the reboot");
+    let console = second.console();
+    let mounted = index_of(&second, "CRYPTFS-VM: mounted").expect("mounted");
+    let progress = index_of(&second, "cryptfs: reencrypt:").expect("resumed");
+    if config == "blocking" {
+        assert!(
+            progress < mounted,
+            "blocking: the initramfs must finish before mounting\n{console}"
+        );
+    } else {
+        assert!(
+            mounted < progress,
+            "background: cryptfs.service must resume after mounting\n{console}"
+        );
+        assert!(
+            second.saw("resuming an interrupted re-encryption"),
+            "{console}"
+        );
+    }
+    assert!(common::luks2(&disk.extract_root())
+        .reencrypt_mode()
+        .is_none());
+    let s = format!("reboot mid-re-encryption, {config}");
+    eprintln!("VM-COUNT | systemd, {s} | boots 2 | reboots 1 | stops with exit 75 1 |");
+    figure(
+        &s,
+        "SIGTERM to the unit's stop recorded after it (s)",
+        format!("{stop_s:.1}"),
+    );
+    figure(
+        &s,
+        "boot after the reboot: kernel start to root mounted (s)",
+        second.mounted_after().unwrap_or(0.0),
+    );
+    figure(&s, "scenario wall time (s)", started.elapsed().as_secs());
+}
+
+#[test]
+fn vm_systemd_reboot_mid_reencryption_resumes_background() {
+    reboot_mid_reencryption("background");
+}
+
+#[test]
+fn vm_systemd_reboot_mid_reencryption_resumes_blocking() {
+    reboot_mid_reencryption("blocking");
+}
