@@ -16,6 +16,7 @@ mod demo;
 mod oe;
 mod qemu;
 mod sh;
+mod timing;
 
 use anyhow::{bail, Result};
 
@@ -77,7 +78,7 @@ fn main() -> Result<()> {
         }
         "vm" => {
             deps()?;
-            vm(std::env::args().nth(2).as_deref())
+            vm(std::env::args().nth(2).as_deref(), None)
         }
         "fuzz" => {
             deps()?;
@@ -192,83 +193,98 @@ fn apt_removals(plan: &str) -> Vec<String> {
 
 /// Everything CI runs.
 fn test() -> Result<()> {
-    deps()?;
-    sh::run("cargo", &["fmt", "--all", "--", "--check"])?;
-    sh::run(
-        "cargo",
-        &[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--all-features",
-            "--",
-            "-D",
-            "warnings",
-        ],
-    )?;
-    // The OE layer: its crate list matches Cargo.lock, oelint-adv finds nothing.
-    oe::crates(true)?;
-    oe::lint()?;
-    // Host tier. The crash harnesses and the VM suite run on their own below, with their
-    // tables and figures printed.
-    sh::run(
-        "cargo",
-        &[
-            "test",
-            "--workspace",
-            "--all-features",
-            "--",
-            "--skip",
-            "survives_a_cut_at_every_sync",
-            "--skip",
-            "recovers_from_lost_unflushed_writes",
-            "--skip",
-            "vm_",
-        ],
-    )?;
-    // The shipped build (no features): its unit tests check that the test-only hooks
-    // (`export-plaintext`, `CRYPTFS_BOOT_ID`, failpoints) are not in it.
-    sh::run("cargo", &["test", "--package", "cryptfs", "--lib"])?;
-    for harness in ["fsync_cuts", "lost_writes"] {
-        sh::run(
-            "cargo",
-            &[
-                "test",
-                "--package",
-                "cryptfs",
-                "--all-features",
-                "--test",
-                harness,
-                "--",
-                "--nocapture",
-            ],
-        )?;
-    }
-    vm(None)?;
+    let mut timings = timing::Timings::default();
+    let result = test_steps(&mut timings);
+    timings.print();
+    result?;
     println!("xtask: all checks and tests passed");
     Ok(())
 }
 
+fn test_steps(t: &mut timing::Timings) -> Result<()> {
+    t.step("deps", false, deps)?;
+    t.step("fmt", false, || {
+        sh::run("cargo", &["fmt", "--all", "--", "--check"])
+    })?;
+    t.step("clippy", false, || {
+        sh::run(
+            "cargo",
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--all-features",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        )
+    })?;
+    // The OE layer: its crate list matches Cargo.lock, oelint-adv finds nothing.
+    t.step("oe layer", false, || {
+        oe::crates(true)?;
+        oe::lint()
+    })?;
+    // Host tier. The crash harnesses and the VM suite run on their own below, with their
+    // tables and figures printed.
+    t.step("host tier", false, || {
+        sh::run(
+            "cargo",
+            &[
+                "test",
+                "--workspace",
+                "--all-features",
+                "--",
+                "--skip",
+                "survives_a_cut_at_every_sync",
+                "--skip",
+                "recovers_from_lost_unflushed_writes",
+                "--skip",
+                "vm_",
+            ],
+        )
+    })?;
+    // The shipped build (no features): its unit tests check that the test-only hooks
+    // (`export-plaintext`, `CRYPTFS_BOOT_ID`, failpoints) are not in it.
+    t.step("shipped build's unit tests", false, || {
+        sh::run("cargo", &["test", "--package", "cryptfs", "--lib"])
+    })?;
+    for harness in ["fsync_cuts", "lost_writes"] {
+        t.step(harness, false, || {
+            sh::run("cargo", &test_binary_args(harness, &["--nocapture"]))
+        })?;
+    }
+    vm(None, Some(t))
+}
+
+/// `cargo` arguments that run one test binary of the cryptfs package (all features) with
+/// `harness_args` for the test harness.
+fn test_binary_args<'a>(test: &'a str, harness_args: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "test",
+        "--package",
+        "cryptfs",
+        "--all-features",
+        "--test",
+        test,
+        "--",
+    ];
+    args.extend_from_slice(harness_args);
+    args
+}
+
 /// The QEMU boot scenarios (direct kernel boots, then UEFI Secure Boot under OVMF): two VMs at
 /// a time at most (one per test thread), figures printed.
-fn vm(filter: Option<&str>) -> Result<()> {
+fn vm(filter: Option<&str>, mut timings: Option<&mut timing::Timings>) -> Result<()> {
     // The direct boots, the lost-write states (tests/vm_lost_writes.rs), then the UEFI
     // Secure Boot scenarios, then systemd as PID 1.
     for test in ["vm", "vm_lost_writes", "vm_secure_boot", "vm_systemd"] {
-        let mut args = vec![
-            "test",
-            "--package",
-            "cryptfs",
-            "--all-features",
-            "--test",
-            test,
-            "--",
-            "--nocapture",
-            "--test-threads",
-            "2",
-        ];
+        let mut args = test_binary_args(test, &["--nocapture", "--test-threads", "2"]);
         args.extend(filter);
-        sh::run("cargo", &args)?;
+        match timings.as_deref_mut() {
+            Some(t) => t.step(test, true, || sh::run("cargo", &args))?,
+            None => sh::run("cargo", &args)?,
+        }
     }
     Ok(())
 }
@@ -303,18 +319,10 @@ fn fuzz(secs: Option<&str>) -> Result<()> {
     let seeds_str = seeds.display().to_string();
     sh::run_env(
         "cargo",
-        &[
-            "test",
-            "--package",
-            "cryptfs",
-            "--all-features",
-            "--test",
+        &test_binary_args(
             "hostile_bytes",
-            "--",
-            "--ignored",
-            "--exact",
-            "write_fuzz_corpus",
-        ],
+            &["--ignored", "--exact", "write_fuzz_corpus"],
+        ),
         &[("CRYPTFS_FUZZ_CORPUS", &seeds_str)],
     )?;
     let max_time = format!("-max_total_time={secs}");
