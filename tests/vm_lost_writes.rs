@@ -252,6 +252,8 @@ fn run(image: RootImage, window: &Window) -> Option<Outcome> {
     common::copy_tree(&disk.tpm_state, &tpm_final);
     let (mut taken, mut ok, mut files) = (0usize, 0usize, 0u32);
     let mut failures = Vec::new();
+    // One row per state taken: the per-epoch table of the closing figures.
+    let mut state_rows = String::new();
     let mut boot_secs = Vec::new();
     logged.for_each_sampled_state(&sampled, SEED, |k, partial, image| {
         std::fs::write(&image_path, image).expect("state image");
@@ -261,7 +263,28 @@ fn run(image: RootImage, window: &Window) -> Option<Outcome> {
         boot_secs.push(boot.elapsed.as_secs_f64());
         taken += 1;
         let what = format!("epoch {k}{}", if partial { " + half" } else { "" });
-        match intact(&boot) {
+        let verdict = intact(&boot);
+        state_rows.push_str(&format!(
+            "| {k} | {} | {} | {} | {} | {:.0} | {} |\n",
+            k - a,
+            if tail.contains(&k) {
+                "end (header)"
+            } else {
+                "data"
+            },
+            logged.epoch_writes(k),
+            if partial {
+                "before flush k + a seeded half of epoch k"
+            } else {
+                "every write before flush k"
+            },
+            boot.elapsed.as_secs_f64(),
+            match &verdict {
+                Ok(n) => format!("intact ({n} during-files)"),
+                Err(why) => format!("NOT intact: {why}"),
+            }
+        ));
+        match verdict {
             Ok(n) => {
                 ok += 1;
                 files += n;
@@ -291,6 +314,26 @@ fn run(image: RootImage, window: &Window) -> Option<Outcome> {
         }
     );
     record_row(window.operation, &row);
+    let slug: String = window
+        .operation
+        .split(' ')
+        .next()
+        .unwrap_or("operation")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    common::write_result(
+        &format!("vm-lost-writes-states--{slug}.md"),
+        &format!(
+            "# VM lost writes, {}: every state taken\n\n\
+             Written by tests/vm_lost_writes.rs on its last run. The operation spans flush \
+             epochs {a}..{b} of the logged boot; \"end\" epochs write the root's LUKS2 header \
+             area after the last data step (the metadata finalisation).\n\n\
+             | epoch k | k from the operation's start | part | writes in epoch k | state | boot (s) | next boot |\n\
+             |---|---|---|---|---|---|---|\n{state_rows}",
+            window.operation
+        ),
+    );
     eprintln!(
         "VM-LOST | {} | {taken} states, {ok} intact, {files} during-files verified, boots {:.0}–{:.0} s, whole test {:.0} s |",
         window.operation,
