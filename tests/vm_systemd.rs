@@ -354,7 +354,7 @@ fn vm_systemd_sigkill_mid_hotzone_recovers() {
     assert!(restarts >= 1, "Restart= never ran cryptfs again: {exit}");
     let recovery_s = between(
         &boot,
-        "online re-encryption stack is suspended",
+        "online re-encryption stack is left over",
         "the stack is resumed",
     )
     .unwrap_or(f64::NAN);
