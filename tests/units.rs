@@ -29,6 +29,10 @@ fn verify_with_drop_in(unit_text: &str, drop_in: Option<&str>) -> (bool, String)
         std::fs::create_dir_all(r.join(d)).expect("mkdir");
     }
     std::fs::copy(common::BIN, r.join("usr/bin/cryptfs")).expect("binary");
+    // What ExecStartPre= makes and ExecStopPost= runs, and the tool that makes it.
+    std::fs::create_dir_all(r.join("run/cryptfs")).expect("mkdir");
+    std::fs::copy(common::BIN, r.join("run/cryptfs/cryptfs")).expect("binary copy");
+    std::fs::copy("/usr/bin/install", r.join("usr/bin/install")).expect("install(1)");
     common::run(
         "cp",
         &[
@@ -124,8 +128,14 @@ fn the_service_is_non_blocking_low_priority_and_restart_safe() {
     let exec = directive("ExecStart").expect("ExecStart");
     let mut words = exec.split_whitespace();
     assert_eq!(words.next(), Some("/usr/bin/cryptfs"));
-    let args: Vec<String> = words
-        .map(|w| w.replace("/etc/cryptfs/cryptfs.toml", "/nonexistent/cryptfs.toml"))
+    fails_on_the_missing_configuration(words, "/etc/cryptfs/cryptfs.toml");
+}
+
+/// Runs the binary with `args`, the configuration `config` replaced by a missing file: it must
+/// fail on that file, not on the arguments.
+fn fails_on_the_missing_configuration<'a>(args: impl Iterator<Item = &'a str>, config: &str) {
+    let args: Vec<String> = args
+        .map(|w| w.replace(config, "/nonexistent/cryptfs.toml"))
         .collect();
     let out = Command::new(common::BIN)
         .args(&args)
@@ -134,6 +144,57 @@ fn the_service_is_non_blocking_low_priority_and_restart_safe() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("/nonexistent/cryptfs.toml"), "{err}");
+}
+
+fn directives(name: &str) -> Vec<&'static str> {
+    UNIT.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+        .collect()
+}
+
+#[test]
+fn a_sigkill_mid_hotzone_is_repaired_by_a_copy_in_run() {
+    // ExecStartPre= copies the binary and the configuration to /run while the root is healthy;
+    // ExecStopPost= (after the main process died, whatever killed it) runs that copy on that
+    // copy, so nothing it starts from lies on the root.
+    let pre = directives("ExecStartPre");
+    assert_eq!(
+        pre,
+        [
+            "/usr/bin/install -D -m 0700 /usr/bin/cryptfs /run/cryptfs/cryptfs",
+            "/usr/bin/install -m 0600 /etc/cryptfs/cryptfs.toml /run/cryptfs/cryptfs.toml",
+        ]
+    );
+    let post = directives("ExecStopPost");
+    assert_eq!(
+        post,
+        ["/run/cryptfs/cryptfs recover-online --config /run/cryptfs/cryptfs.toml"]
+    );
+    assert_eq!(directive("OOMScoreAdjust"), Some("-500"));
+    // The command line is one the binary accepts.
+    let mut words = post[0].split_whitespace();
+    assert_eq!(words.next(), Some("/run/cryptfs/cryptfs"));
+    fails_on_the_missing_configuration(words, "/run/cryptfs/cryptfs.toml");
+    // With nothing suspended (this host has no such stack) it does nothing and succeeds.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("cryptfs.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device = \"/dev/null\"\nboot_dir = \"{}\"\nmapping_name = \"cryptfs-units-test-none\"\n\n[kek]\nkind = \"tpm2\"\n",
+            dir.path().display()
+        ),
+    )
+    .expect("config");
+    let out = Command::new(common::BIN)
+        .args(["recover-online", "--config", &config.display().to_string()])
+        .output()
+        .expect("cryptfs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -3,9 +3,8 @@
 //! `tests/vm.rs`, then `switch_root`s to systemd, which starts `cryptfs.service` (installed
 //! from `units/`, with `cryptfs-generator`) in multi-user.target. A rig unit (not the product's)
 //! runs the workload, samples `systemctl status cryptfs`, and performs the scenario's action
-//! (`systemctl reboot` mid-re-encryption). The SIGKILL scenario is not here: a kill mid-hotzone
-//! leaves the hotzone device suspended and the restarted unit cannot recover it
-//! (design/boot.md, "systemd as PID 1 tier"); the driver's `kill-at:N` action reproduces it.
+//! (`systemctl reboot` mid-re-encryption, SIGKILL of the unit while a mapping of the
+//! re-encryption stack is suspended).
 //!
 //! `cargo xtask vm` runs these after `tests/vm_secure_boot.rs`.
 
@@ -312,4 +311,79 @@ fn vm_systemd_reboot_mid_reencryption_resumes_background() {
 #[test]
 fn vm_systemd_reboot_mid_reencryption_resumes_blocking() {
     reboot_mid_reencryption("blocking");
+}
+
+/// SIGKILL of cryptfs.service while a device of the online re-encryption stack is suspended
+/// (background configuration): `ExecStopPost=` repairs the hotzone, the root takes a write,
+/// nothing stays suspended, and `Restart=` runs the job to `header-backed-up`.
+#[test]
+fn vm_systemd_sigkill_mid_hotzone_recovers() {
+    let started = Instant::now();
+    let mut disk = Disk::new(RootImage::SystemdCiLuks, ROOT_MIB);
+    let boot = disk.boot(&BootOptions {
+        config: "background",
+        extra_args: "cryptfs.vm.action=kill-at:20".into(),
+        // The repair and the restart's resume come on top of a whole re-encryption.
+        timeout: Some(std::time::Duration::from_secs(900)),
+        ..BootOptions::default()
+    });
+    let console = boot.console();
+    let killed = boot
+        .marker("killed pid=")
+        .unwrap_or_else(|| panic!("the driver never killed cryptfs\n{console}"));
+    assert!(
+        killed.contains("caught-suspended=1") && killed.contains("-hotzone-forward=1"),
+        "the kill did not land while the hotzone device was suspended: {killed}\n{console}"
+    );
+    let probe = boot
+        .marker("probe-ok after-kill 1 ")
+        .unwrap_or_else(|| panic!("the root took no write after the kill\n{console}"));
+    let writable_s = field(probe, "centiseconds").expect("centiseconds") as f64 / 100.0;
+    let after = boot.marker("after-probe suspended:").expect("after-probe");
+    assert!(
+        !after.contains("=1"),
+        "a mapping stayed suspended: {after}\n{console}"
+    );
+    assert!(
+        boot.saw("the stack is resumed"),
+        "recover-online did not report a repair\n{console}"
+    );
+    let exit = assert_finished(&boot, "boot with the kill");
+    assert_eq!(field(exit, "kills"), Some(1), "{exit}");
+    let restarts = field(exit, "restarts").unwrap_or(0);
+    assert!(restarts >= 1, "Restart= never ran cryptfs again: {exit}");
+    let recovery_s = between(
+        &boot,
+        "online re-encryption stack is left over",
+        "the stack is resumed",
+    )
+    .unwrap_or(f64::NAN);
+    assert!(common::luks2(&disk.extract_root())
+        .reencrypt_mode()
+        .is_none());
+    let how = boot
+        .lines
+        .iter()
+        .find_map(|l| {
+            let at = l.find("recover-online: ")?;
+            Some(l[at + 16..].split(';').next()?.to_string())
+        })
+        .unwrap_or_default();
+    let s = "sigkill mid-hotzone";
+    eprintln!(
+        "VM-COUNT | systemd, {s} | boots 1 | kills while suspended 1 | repairs 1 | restarts {restarts} |"
+    );
+    figure(s, "what recover-online did", &how);
+    figure(
+        s,
+        "kill to a write+sync on the root completed (s)",
+        format!("{writable_s:.1}"),
+    );
+    figure(
+        s,
+        "recover-online, first to last log line (s, host receipt)",
+        format!("{recovery_s:.1}"),
+    );
+    figure(s, "restarts of cryptfs.service", restarts);
+    figure(s, "scenario wall time (s)", started.elapsed().as_secs());
 }

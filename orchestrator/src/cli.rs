@@ -99,6 +99,17 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Repair the online re-encryption stack after its process died in a hotzone (SIGKILL):
+    /// when `<mapping_name>-hotzone-forward` (or another device of the stack) is suspended,
+    /// complete or recover the hotzone through libcryptsetup, resume the devices and give the
+    /// mapping back its table. Exits 0 at once when nothing is suspended. Run by
+    /// cryptfs.service's `ExecStopPost=` from a copy in /run/cryptfs, and at the start of the
+    /// userspace stage.
+    RecoverOnline {
+        /// Configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// systemd generator (installed as `cryptfs-generator`): writes a drop-in that makes
     /// cryptfs.service require the mounts of the configured boot_dir and journal.
     #[command(hide = true)]

@@ -78,6 +78,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("cryptfs: state {state}");
             Ok(())
         }
+        Command::RecoverOnline { config } => {
+            let config = Config::load(&config)?;
+            match cryptfs::online_recovery::run(&config)? {
+                cryptfs::online_recovery::Outcome::NothingSuspended => {
+                    tracing::debug!("recover-online: no device of the stack is suspended");
+                }
+                cryptfs::online_recovery::Outcome::Recovered(how) => {
+                    tracing::info!("recover-online: {how}; the stack is resumed");
+                }
+            }
+            Ok(())
+        }
         Command::Status { config, json } => {
             let config = Config::load(&config)?;
             let report = cryptfs::status::collect(&config)?;

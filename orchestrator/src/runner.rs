@@ -215,6 +215,11 @@ pub fn run(
     stage: Stage,
     stop: Arc<AtomicBool>,
 ) -> crate::Result<ProvisioningState> {
+    if stage == Stage::Userspace {
+        // Belt and braces for ExecStopPost=: a stack a killed run left suspended is repaired
+        // before anything else touches the device (a no-op when nothing is suspended).
+        crate::online_recovery::run(config)?;
+    }
     let result = run_stage(config, stage, stop);
     if stage != Stage::Initramfs {
         return result;

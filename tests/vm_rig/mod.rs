@@ -716,6 +716,8 @@ pub struct BootOptions {
     pub firmware: Option<Firmware>,
     /// More `cryptfs.vm.*` arguments for init.sh (space-separated `key=value`).
     pub extra_args: String,
+    /// A longer boot budget than the default 420 s (a scenario that repairs and restarts).
+    pub timeout: Option<Duration>,
     /// Files handed to the guest over fw_cfg (firmware boots): (name, host file).
     pub fw_cfg_files: Vec<(&'static str, PathBuf)>,
 }
@@ -733,6 +735,7 @@ impl Default for BootOptions {
             drive: None,
             firmware: None,
             extra_args: String::new(),
+            timeout: None,
             fw_cfg_files: Vec::new(),
         }
     }
@@ -941,10 +944,11 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
             cut = true;
             break;
         }
-        let remaining = BOOT_TIMEOUT.saturating_sub(started.elapsed());
+        let budget = opts.timeout.unwrap_or(BOOT_TIMEOUT);
+        let remaining = budget.saturating_sub(started.elapsed());
         assert!(
             !remaining.is_zero(),
-            "VM boot timed out after {BOOT_TIMEOUT:?}:\n{}",
+            "VM boot timed out after {budget:?}:\n{}",
             lines.join("\n")
         );
         let wait = cut_at.map_or(remaining, |t| {
