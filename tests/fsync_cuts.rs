@@ -23,7 +23,12 @@ use std::sync::OnceLock;
 
 use common::{Image, Rig, BIN};
 
-const SIZE_MIB: u64 = 96;
+/// In-place encryption's image: the smallest device cryptfs encrypts in place (64 MiB of
+/// filesystem after the shrink, 8 hotzones).
+const IN_PLACE_MIB: u64 = 96;
+/// The CI image of the volume-key change and the reseal: 8 hotzones of re-encryption, every
+/// code path of a hotzone cut in each.
+const CI_IMAGE_MIB: u64 = 64;
 const PASSPHRASE: &str = "anchor-passphrase";
 
 /// Builds the shim (its own target directory, so the build does not wait for the lock of the
@@ -179,13 +184,13 @@ impl Row {
 }
 
 /// Writes and prints the operation's table.
-fn report(file: &str, rows: &[&Row]) {
+fn report(file: &str, size_mib: u64, rows: &[&Row]) {
     let mut text = String::from(
         "<!-- Written by tests/fsync_cuts.rs (`cargo test --package cryptfs --all-features \
          --test fsync_cuts -- --nocapture`); a run regenerates it. -->\n\n",
     );
     text.push_str(&format!(
-        "{SIZE_MIB} MiB image, 8 MiB hotzone. A point is one sync call (fsync, fdatasync, syncfs, \
+        "{size_mib} MiB image, 8 MiB hotzone. A point is one sync call (fsync, fdatasync, syncfs, \
          sync, sync_file_range, msync MS_SYNC) of any process of the run, numbered in one global \
          order; every point is cut once; only cuts taken count.\n\n"
     ));
@@ -391,81 +396,96 @@ fn assert_rows(cryptfs: &Row, reference: &Row) {
 
 #[test]
 fn in_place_encryption_survives_a_cut_at_every_sync() {
-    let rig = Rig::new(Image::Plain, SIZE_MIB);
+    let rig = Rig::new(Image::Plain, IN_PLACE_MIB);
     // Anchor input: the same filesystem, shrunk the reference's way before its CLI call.
     let pre = rig.dir.path().join("anchor-pre.img");
     std::fs::copy(&rig.device, &pre).expect("copy");
     let p = pre.display().to_string();
     common::run("e2fsck", &["-p", "-f", &p]);
-    common::run("resize2fs", &[&p, &format!("{}M", SIZE_MIB - 32)]);
+    common::run("resize2fs", &[&p, &format!("{}M", IN_PLACE_MIB - 32)]);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&pre)
         .expect("open")
-        .set_len(SIZE_MIB << 20)
+        .set_len(IN_PLACE_MIB << 20)
         .expect("len");
-    let anchor = sweep_reference(
-        rig.dir.path(),
-        "in-place encryption",
-        &pre,
-        &rig.files,
-        &[
-            "--encrypt",
-            "--type",
-            "luks2",
-            "--reduce-device-size",
-            "32M",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-            "--hotzone-size",
-            "8M",
-        ],
+    // The anchor's sweep and cryptfs's are independent (their own images and shim counters):
+    // they run side by side.
+    let (row, anchor) = std::thread::scope(|scope| {
+        let anchor = scope.spawn(|| {
+            sweep_reference(
+                rig.dir.path(),
+                "in-place encryption",
+                &pre,
+                &rig.files,
+                &[
+                    &[
+                        "--encrypt",
+                        "--type",
+                        "luks2",
+                        "--reduce-device-size",
+                        "32M",
+                    ],
+                    common::ANCHOR_REENCRYPT_ARGS,
+                ]
+                .concat(),
+            )
+        });
+        let row = sweep_cryptfs(&rig, "in-place encryption", "initramfs");
+        (row, anchor.join().expect("the anchor's sweep"))
+    });
+    report(
+        "fsync_cuts-in-place-encryption.md",
+        IN_PLACE_MIB,
+        &[&row, &anchor],
     );
-    let row = sweep_cryptfs(&rig, "in-place encryption", "initramfs");
-    report("fsync_cuts-in-place-encryption.md", &[&row, &anchor]);
     assert_rows(&row, &anchor);
 }
 
 #[test]
 fn volume_key_change_survives_a_cut_at_every_sync() {
-    let rig = Rig::new(Image::Ci, SIZE_MIB);
+    let rig = Rig::new(Image::Ci, CI_IMAGE_MIB);
     // Anchor input: a CI-style image with the anchor's passphrase.
     let pre = rig.dir.path().join("anchor-pre.img");
-    common::make_ci_image(&pre, SIZE_MIB, &rig.dir.path().join("src"), PASSPHRASE);
-    let anchor = sweep_reference(
-        rig.dir.path(),
-        "volume-key change",
-        &pre,
-        &rig.files,
-        &[
-            "--force-offline-reencrypt",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-            "--hotzone-size",
-            "8M",
-        ],
+    common::make_ci_image(&pre, CI_IMAGE_MIB, &rig.dir.path().join("src"), PASSPHRASE);
+    // The anchor's sweep runs beside cryptfs's (its own image and shim counter).
+    let (row, anchor) = std::thread::scope(|scope| {
+        let anchor = scope.spawn(|| {
+            sweep_reference(
+                rig.dir.path(),
+                "volume-key change",
+                &pre,
+                &rig.files,
+                &[
+                    &["--force-offline-reencrypt"],
+                    common::ANCHOR_REENCRYPT_ARGS,
+                ]
+                .concat(),
+            )
+        });
+        // With a recovery key: on a CI image it is enrolled after the re-encryption, so the
+        // userspace stage's sync points include those of `enroll-recovery` (escrow, keyslot,
+        // token). The escrow file lives on the rig's boot directory only so that the harness's
+        // snapshot restores it with the device (a shipped escrow goes elsewhere).
+        let key = enable_recovery_escrow(&rig);
+        rig.run_stage("initramfs");
+        let row = sweep(
+            &rig,
+            "volume-key change",
+            "cryptfs (run --stage all)",
+            &["run", "--stage", "userspace"],
+            |rig| {
+                common::cryptfs_recovers(rig)?;
+                recovery_key_opens(rig, &key)
+            },
+        );
+        (row, anchor.join().expect("the anchor's sweep"))
+    });
+    report(
+        "fsync_cuts-volume-key-change.md",
+        CI_IMAGE_MIB,
+        &[&row, &anchor],
     );
-    // With a recovery key: on a CI image it is enrolled after the re-encryption, so the
-    // userspace stage's sync points include those of `enroll-recovery` (escrow, keyslot, token).
-    // The escrow file lives on the rig's boot directory only so that the harness's snapshot
-    // restores it with the device (a shipped escrow goes elsewhere).
-    let key = enable_recovery_escrow(&rig);
-    rig.run_stage("initramfs");
-    let row = sweep(
-        &rig,
-        "volume-key change",
-        "cryptfs (run --stage all)",
-        &["run", "--stage", "userspace"],
-        |rig| {
-            common::cryptfs_recovers(rig)?;
-            recovery_key_opens(rig, &key)
-        },
-    );
-    report("fsync_cuts-volume-key-change.md", &[&row, &anchor]);
     assert_rows(&row, &anchor);
 }
 
@@ -582,7 +602,7 @@ fn reseal_recovers(rig: &Rig, original_blob: &str) -> Result<&'static str, Strin
 /// measure beside it: the reference has no reseal (its answer is a manual recovery key).
 #[test]
 fn reseal_survives_a_cut_at_every_sync() {
-    let rig = Rig::new(Image::Ci, SIZE_MIB);
+    let rig = Rig::new(Image::Ci, CI_IMAGE_MIB);
     rig.tpm.extend_pcr7();
     let key = enable_recovery_escrow(&rig);
     rig.run_stage("all");
@@ -605,7 +625,7 @@ fn reseal_survives_a_cut_at_every_sync() {
             Ok(())
         },
     );
-    report("fsync_cuts-reseal.md", &[&row]);
+    report("fsync_cuts-reseal.md", CI_IMAGE_MIB, &[&row]);
     eprintln!("interrupted reseals resolved as: {resolved:?}");
     assert!(row.points > 10, "only {} sync points counted", row.points);
     assert!(

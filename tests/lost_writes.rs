@@ -19,6 +19,11 @@ use std::path::Path;
 use common::{Image, Rig};
 use writelog::{log_run, Logged};
 
+/// In-place encryption's image: the smallest device cryptfs encrypts in place.
+const IN_PLACE_MIB: u64 = 96;
+/// The volume-key change's CI image (8 hotzones).
+const CI_IMAGE_MIB: u64 = 64;
+
 /// Per-phase tally of sampled states.
 #[derive(Default)]
 struct Tally {
@@ -45,11 +50,11 @@ impl Tally {
 }
 
 /// The table's head; the rows follow it.
-fn table_header() -> String {
-    String::from(
+fn table_header(size_mib: u64) -> String {
+    format!(
         "<!-- Written by tests/lost_writes.rs (`cargo test --package cryptfs --all-features \
          --test lost_writes -- --nocapture`); a run regenerates it. -->\n\n\
-         96 MiB image, 8 MiB hotzone, the device behind a FUSE write log.\n\n\
+         {size_mib} MiB image, 8 MiB hotzone, the device behind a FUSE write log.\n\n\
          | operation | phase | recovery | crash states (lost unflushed writes) | intact |\n\
          |---|---|---|---|---|\n",
     )
@@ -87,7 +92,7 @@ fn log_cryptfs(rig: &Rig, stage: &str) -> Option<Logged> {
 
 #[test]
 fn in_place_encryption_recovers_from_lost_unflushed_writes() {
-    let rig = Rig::new(Image::Plain, 96);
+    let rig = Rig::new(Image::Plain, IN_PLACE_MIB);
     let Some(logged) = log_cryptfs(&rig, "initramfs") else {
         return;
     };
@@ -116,7 +121,7 @@ fn in_place_encryption_recovers_from_lost_unflushed_writes() {
         tally[phase].record(k, common::cryptfs_recovers(&rig));
     });
     let recovery = "cryptfs (run --stage all)";
-    let mut table = table_header();
+    let mut table = table_header(IN_PLACE_MIB);
     table.push_str(&tally[0].line(
         "in-place encryption",
         "shrink (e2fsck, resize2fs)",
@@ -145,74 +150,19 @@ const ANCHOR_PASSPHRASE: &str = "anchor-passphrase";
 
 #[test]
 fn volume_key_change_recovers_from_lost_unflushed_writes() {
-    let rig = Rig::new(Image::Ci, 96);
-    // The anchor first (its own copy of the same files): the cryptsetup CLI's volume-key change
-    // under the write log, each state recovered the reference's way.
-    let anchor_dir = rig.dir.path().join("anchor");
-    std::fs::create_dir_all(&anchor_dir).expect("anchor dir");
-    let anchor_img = anchor_dir.join("img");
-    common::make_ci_image(
-        &anchor_img,
-        96,
-        &rig.dir.path().join("src"),
-        ANCHOR_PASSPHRASE,
-    );
-    let key_file = anchor_dir.join("pass");
-    std::fs::write(&key_file, ANCHOR_PASSPHRASE).expect("key file");
-    let k = key_file.display().to_string();
-    let mut anchor = Tally::default();
-    let anchor_log = log_run(
-        &anchor_dir,
-        &anchor_img,
-        Some(&anchor_dir.join("unused")),
-        |disk| {
-            common::run(
-                "cryptsetup",
-                &[
-                    "reencrypt",
-                    "--batch-mode",
-                    "--force-offline-reencrypt",
-                    "--pbkdf",
-                    "pbkdf2",
-                    "--pbkdf-force-iterations",
-                    "1000",
-                    "--hotzone-size",
-                    "8M",
-                    "--key-file",
-                    &k,
-                    &disk.display().to_string(),
-                ],
-            );
-        },
-    );
-    let Some((anchor_log, ())) = anchor_log else {
+    let rig = Rig::new(Image::Ci, CI_IMAGE_MIB);
+    // The anchor (its own copy of the same files, its own write log) runs beside cryptfs.
+    let (ours, reference) = std::thread::scope(|scope| {
+        let reference = scope.spawn(|| anchor_states(&rig));
+        (
+            cryptfs_states(&rig),
+            reference.join().expect("the anchor's states"),
+        )
+    });
+    let (Some((tally, logged)), Some((anchor, anchor_log))) = (ours, reference) else {
         return;
     };
-    anchor_log.for_each_state(true, |k, image, _| {
-        std::fs::write(&anchor_img, image).expect("state image");
-        common::reference_recovery(&anchor_dir, &anchor_img, &key_file);
-        let outcome =
-            match common::passphrase_volume_files(&anchor_dir, &anchor_img, ANCHOR_PASSPHRASE) {
-                Some(found) if found == rig.files => Ok(()),
-                Some(_) => Err("FILES DIFFER".into()),
-                None => Err("does not open or fsck fails".into()),
-            };
-        anchor.record(k, outcome);
-    });
-
-    // cryptfs: enrolled, passphrase wiped, re-encryption initialised (the initramfs stage), then
-    // the volume-key change itself behind the write log.
-    rig.run_stage("initramfs");
-    let Some(logged) = log_cryptfs(&rig, "all") else {
-        return;
-    };
-    let mut tally = Tally::default();
-    logged.for_each_state(true, |k, image, boot| {
-        std::fs::write(&rig.device, image).expect("state image");
-        common::copy_tree(boot, &rig.boot);
-        tally.record(k, common::cryptfs_recovers(&rig));
-    });
-    let mut table = table_header();
+    let mut table = table_header(CI_IMAGE_MIB);
     table.push_str(&tally.line(
         "volume-key change",
         "hotzones, finalisation, backup",
@@ -243,4 +193,65 @@ fn volume_key_change_recovers_from_lost_unflushed_writes() {
         anchor.intact,
         anchor.states
     );
+}
+
+/// The cryptsetup CLI's volume-key change under the write log, each state recovered the
+/// reference's way. `None` where FUSE cannot mount (the write log's own rule for CI applies).
+fn anchor_states(rig: &Rig) -> Option<(Tally, Logged)> {
+    let anchor_dir = rig.dir.path().join("anchor");
+    std::fs::create_dir_all(&anchor_dir).expect("anchor dir");
+    let anchor_img = anchor_dir.join("img");
+    common::make_ci_image(
+        &anchor_img,
+        CI_IMAGE_MIB,
+        &rig.dir.path().join("src"),
+        ANCHOR_PASSPHRASE,
+    );
+    let key_file = anchor_dir.join("pass");
+    std::fs::write(&key_file, ANCHOR_PASSPHRASE).expect("key file");
+    let k = key_file.display().to_string();
+    let mut anchor = Tally::default();
+    let (anchor_log, ()) = log_run(
+        &anchor_dir,
+        &anchor_img,
+        Some(&anchor_dir.join("unused")),
+        |disk| {
+            let disk = disk.display().to_string();
+            common::run(
+                "cryptsetup",
+                &[
+                    &["reencrypt", "--batch-mode", "--force-offline-reencrypt"],
+                    common::ANCHOR_REENCRYPT_ARGS,
+                    &["--key-file", &k, &disk],
+                ]
+                .concat(),
+            );
+        },
+    )?;
+    anchor_log.for_each_state(true, |k, image, _| {
+        std::fs::write(&anchor_img, image).expect("state image");
+        common::reference_recovery(&anchor_dir, &anchor_img, &key_file);
+        let outcome =
+            match common::passphrase_volume_files(&anchor_dir, &anchor_img, ANCHOR_PASSPHRASE) {
+                Some(found) if found == rig.files => Ok(()),
+                Some(_) => Err("FILES DIFFER".into()),
+                None => Err("does not open or fsck fails".into()),
+            };
+        anchor.record(k, outcome);
+    });
+    Some((anchor, anchor_log))
+}
+
+/// cryptfs: enrolled, passphrase wiped, re-encryption initialised (the initramfs stage), then
+/// the volume-key change itself behind the write log, each state recovered by the boot path.
+fn cryptfs_states(rig: &Rig) -> Option<(Tally, Logged)> {
+    rig.run_stage("initramfs");
+    let logged = log_cryptfs(rig, "all")?;
+    let mut tally = Tally::default();
+    logged.for_each_state(true, |k, image, boot| {
+        std::fs::write(&rig.device, image).expect("state image");
+        common::copy_tree(boot, &rig.boot);
+        tally.record(k, common::cryptfs_recovers(rig));
+    });
+    Some((tally, logged))
 }

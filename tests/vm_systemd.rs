@@ -113,94 +113,6 @@ fn blame_seconds(boot: &Boot) -> Option<f64> {
     t.strip_suffix('s')?.parse().ok()
 }
 
-#[test]
-fn vm_systemd_status_shows_progress_and_blame_cost() {
-    let started = Instant::now();
-    let mut disk = Disk::new(RootImage::SystemdCiLuks, ROOT_MIB);
-    let first = disk.boot(&BootOptions {
-        config: "background",
-        ..BootOptions::default()
-    });
-    let exit = assert_finished(&first, "first boot");
-    let console = first.console();
-    let status_lines: Vec<&str> = first
-        .markers()
-        .into_iter()
-        .filter(|m| m.starts_with("status-line \"reencrypt: ") && m.contains('%'))
-        .collect();
-    eprintln!(
-        "VM-COUNT | systemd, status | boots 1 | STATUS lines seen {} | files written {} |",
-        status_lines.len(),
-        field(exit, "written").unwrap_or(0)
-    );
-    assert!(
-        !status_lines.is_empty(),
-        "`systemctl status cryptfs` never showed re-encryption progress\n{console}"
-    );
-    assert_eq!(
-        field(exit, "status-lines"),
-        Some(
-            first
-                .markers()
-                .iter()
-                .filter(|m| m.starts_with("status-line"))
-                .count() as u64
-        )
-    );
-    assert!(
-        field(exit, "written").unwrap_or(0) >= 2,
-        "the workload wrote too little during re-encryption: {exit}"
-    );
-
-    let second = disk.boot(&BootOptions {
-        config: "background",
-        extra_args: "cryptfs.vm.analyze=1".into(),
-        ..BootOptions::default()
-    });
-    assert_finished(&second, "second boot");
-    let blame = blame_seconds(&second)
-        .unwrap_or_else(|| panic!("no blame for cryptfs.service\n{}", second.console()));
-    let analyze = second
-        .marker("analyze ")
-        .unwrap_or_else(|| panic!("no systemd-analyze\n{}", second.console()))
-        .trim_start_matches("analyze ")
-        .to_string();
-    assert!(analyze.starts_with("Startup finished"), "{analyze}");
-    let s = "status and blame";
-    figure(
-        s,
-        "first boot: kernel start to root mounted (s)",
-        first.mounted_after().unwrap_or(0.0),
-    );
-    figure(
-        s,
-        "first boot: kernel start to the driver running under systemd (s)",
-        systemd_up_after(&first),
-    );
-    figure(
-        s,
-        "`systemctl status` samples showing `Status: \"reencrypt: N% …\"`",
-        status_lines.len(),
-    );
-    figure(
-        s,
-        "files written by the workload during re-encryption",
-        field(exit, "written").unwrap_or(0),
-    );
-    figure(
-        s,
-        "completed device: `systemd-analyze blame` of cryptfs.service (s)",
-        blame,
-    );
-    figure(s, "completed device: `systemd-analyze time`", analyze);
-    figure(
-        s,
-        "second boot: kernel start to root mounted (s)",
-        second.mounted_after().unwrap_or(0.0),
-    );
-    figure(s, "scenario wall time (s)", started.elapsed().as_secs());
-}
-
 /// The position of the first console line containing `needle`.
 fn index_of(boot: &Boot, needle: &str) -> Option<usize> {
     boot.lines.iter().position(|l| l.contains(needle))
@@ -217,100 +129,204 @@ fn between(boot: &Boot, from: &str, to: &str) -> Option<f64> {
     )
 }
 
-/// `systemctl reboot` at 30 % of online re-encryption under `config`; the next boot resumes.
-fn reboot_mid_reencryption(config: &'static str) {
-    let started = Instant::now();
-    let mut disk = Disk::new(RootImage::SystemdCiLuks, ROOT_MIB);
-    let first = disk.boot(&BootOptions {
-        config,
-        extra_args: "cryptfs.vm.action=reboot-at:30".into(),
-        ..BootOptions::default()
-    });
-    let console = first.console();
-    assert!(!first.cut, "unexpected power cut");
+/// A boot whose driver ran `systemctl reboot` at `at` % of online re-encryption: the unit
+/// stopped between two hotzones (exit 75, `SuccessExitStatus=`, result success), cryptfs's own
+/// record of it in the journal, the witness unit that stops after it reported it, and the kernel
+/// restarted the machine (QEMU -no-reboot then exits). Returns the stop's duration (s).
+fn assert_clean_stop(boot: &Boot, disk: &Disk, what: &str) -> f64 {
+    let console = boot.console();
+    assert!(!boot.cut, "{what}: unexpected power cut");
     assert!(
-        first.marker("rebooting at").is_some(),
-        "the driver never rebooted\n{console}"
+        boot.marker("rebooting at").is_some(),
+        "{what}: the driver never rebooted\n{console}"
     );
-    // The unit stopped on SIGTERM between two hotzones: exit 75 (SuccessExitStatus=, result
-    // success), cryptfs's own record of it in the journal, the witness unit that stops after it
-    // ran, and the kernel restarted the machine (QEMU -no-reboot then exits).
-    let after_stop = first
+    let after_stop = boot
         .marker("after-stop")
-        .unwrap_or_else(|| panic!("the witness never reported the stop\n{console}"));
+        .unwrap_or_else(|| panic!("{what}: the witness never reported the stop\n{console}"));
     assert_eq!(
         // ExecMainCode=1: CLD_EXITED (an exit, not a signal).
         after_stop,
         "after-stop result=success status=75 code=1",
-        "{console}"
+        "{what}\n{console}"
     );
-    assert!(first.saw("stopped on request"), "{console}");
+    assert!(boot.saw("stopped on request"), "{what}\n{console}");
     assert!(
-        first.saw("reboot: Restarting system"),
-        "the shutdown did not complete\n{console}"
+        boot.saw("reboot: Restarting system"),
+        "{what}: the shutdown did not complete\n{console}"
     );
-    assert!(first.marker("end").is_none(), "{console}");
+    assert!(boot.marker("end").is_none(), "{what}\n{console}");
     let stop_s =
-        between(&first, "CRYPTFS-VM: rebooting at", "CRYPTFS-VM: after-stop").unwrap_or(f64::MAX);
+        between(boot, "CRYPTFS-VM: rebooting at", "CRYPTFS-VM: after-stop").unwrap_or(f64::MAX);
     assert!(
         stop_s < 90.0,
-        "the stop took {stop_s} s, beyond TimeoutStopSec=90s"
+        "{what}: the stop took {stop_s} s, beyond TimeoutStopSec=90s"
     );
     let meta = common::luks2(&disk.extract_root());
     assert!(
         meta.reencrypt_mode().is_some() && !meta.reencrypt_crashed(),
-        "after a clean stop the header must show an unfinished, uncrashed re-encryption"
+        "{what}: after a clean stop the header must show an unfinished, uncrashed re-encryption"
     );
+    stop_s
+}
 
-    let second = disk.boot(&BootOptions {
-        config,
+/// `systemctl status` lines of a boot that showed re-encryption progress.
+fn progress_status_lines(boot: &Boot) -> usize {
+    boot.markers()
+        .into_iter()
+        .filter(|m| m.starts_with("status-line \"reencrypt: ") && m.contains('%'))
+        .count()
+}
+
+/// `systemctl reboot` mid-re-encryption, resumed both ways, on one disk (each boot of the
+/// systemd root costs a minute or more under TCG, so one scenario carries every check):
+/// 1. background configuration, reboot at 30 %: a clean stop between hotzones;
+/// 2. background: cryptfs.service resumes after mounting, `systemctl status` shows its progress,
+///    and the driver reboots again at 60 %: a second clean stop;
+/// 3. blocking configuration (`resume = "initramfs"`): the initramfs resumes and finishes before
+///    mounting, then the unit runs to `header-backed-up` with every file intact;
+/// 4. the completed device: `systemd-analyze blame` of cryptfs.service.
+///
+/// The configuration only decides where an interrupted re-encryption resumes (a first boot
+/// starts it in cryptfs.service either way), so switching it between boots 2 and 3 is a
+/// blocking device's resume.
+#[test]
+fn vm_systemd_reboot_mid_reencryption_resumes_background_then_blocking() {
+    let started = Instant::now();
+    let mut disk = Disk::new(RootImage::SystemdCiLuks, ROOT_MIB);
+    let first = disk.boot(&BootOptions {
+        config: "background",
+        extra_args: "cryptfs.vm.action=reboot-at:30".into(),
         ..BootOptions::default()
     });
-    assert_finished(&second, "boot after the reboot");
+    let first_stop_s = assert_clean_stop(&first, &disk, "first boot");
+
+    let second = disk.boot(&BootOptions {
+        config: "background",
+        extra_args: "cryptfs.vm.action=reboot-at:60".into(),
+        ..BootOptions::default()
+    });
+    let second_stop_s = assert_clean_stop(&second, &disk, "background resume");
     let console = second.console();
+    assert!(
+        second.marker("files-ok-at-mount").is_some(),
+        "background resume: files bad at mount\n{console}"
+    );
     let mounted = index_of(&second, "CRYPTFS-VM: mounted").expect("mounted");
     let progress = index_of(&second, "cryptfs: reencrypt:").expect("resumed");
-    if config == "blocking" {
-        assert!(
-            progress < mounted,
-            "blocking: the initramfs must finish before mounting\n{console}"
-        );
-    } else {
-        assert!(
-            mounted < progress,
-            "background: cryptfs.service must resume after mounting\n{console}"
-        );
-        assert!(
-            second.saw("resuming an interrupted re-encryption"),
-            "{console}"
-        );
-    }
+    assert!(
+        mounted < progress,
+        "background: cryptfs.service must resume after mounting\n{console}"
+    );
+    assert!(
+        second.saw("resuming an interrupted re-encryption"),
+        "{console}"
+    );
+    let rebooted = second.marker("rebooting at").expect("rebooting at");
+    let status_lines = progress_status_lines(&second);
+    assert!(
+        status_lines > 0,
+        "`systemctl status cryptfs` never showed re-encryption progress\n{console}"
+    );
+    assert_eq!(
+        field(rebooted, "status-lines"),
+        Some(
+            second
+                .markers()
+                .iter()
+                .filter(|m| m.starts_with("status-line"))
+                .count() as u64
+        ),
+        "{rebooted}"
+    );
+    assert_eq!(field(rebooted, "bad-reads"), Some(0), "{rebooted}");
+    let written = field(rebooted, "written").unwrap_or(0);
+    assert!(
+        written >= 2,
+        "the workload wrote too little during re-encryption: {rebooted}"
+    );
+
+    let third = disk.boot(&BootOptions {
+        config: "blocking",
+        ..BootOptions::default()
+    });
+    assert_finished(&third, "blocking resume");
+    let console = third.console();
+    let mounted = index_of(&third, "CRYPTFS-VM: mounted").expect("mounted");
+    let progress = index_of(&third, "cryptfs: reencrypt:").expect("resumed");
+    assert!(
+        progress < mounted,
+        "blocking: the initramfs must finish before mounting\n{console}"
+    );
     assert!(common::luks2(&disk.extract_root())
         .reencrypt_mode()
         .is_none());
-    let s = format!("reboot mid-re-encryption, {config}");
-    eprintln!("VM-COUNT | systemd, {s} | boots 2 | reboots 1 | stops with exit 75 1 |");
-    figure(
-        &s,
-        "SIGTERM to the unit's stop recorded after it (s)",
-        format!("{stop_s:.1}"),
+
+    let fourth = disk.boot(&BootOptions {
+        config: "blocking",
+        extra_args: "cryptfs.vm.analyze=1".into(),
+        ..BootOptions::default()
+    });
+    assert_finished(&fourth, "boot of the completed device");
+    let blame = blame_seconds(&fourth)
+        .unwrap_or_else(|| panic!("no blame for cryptfs.service\n{}", fourth.console()));
+    let analyze = fourth
+        .marker("analyze ")
+        .unwrap_or_else(|| panic!("no systemd-analyze\n{}", fourth.console()))
+        .trim_start_matches("analyze ")
+        .to_string();
+    assert!(analyze.starts_with("Startup finished"), "{analyze}");
+
+    let s = "reboots mid-re-encryption, background then blocking";
+    eprintln!(
+        "VM-COUNT | systemd, {s} | boots 4 | reboots 2 | stops with exit 75 2 | resumes background 1, blocking 1 | STATUS lines seen {status_lines} | files written {written} |"
     );
     figure(
-        &s,
-        "boot after the reboot: kernel start to root mounted (s)",
+        s,
+        "first boot: kernel start to the driver running under systemd (s)",
+        systemd_up_after(&first),
+    );
+    figure(
+        s,
+        "SIGTERM to the unit's stop recorded after it, at 30 % (s)",
+        format!("{first_stop_s:.1}"),
+    );
+    figure(
+        s,
+        "background resume: kernel start to root mounted (s)",
         second.mounted_after().unwrap_or(0.0),
     );
-    figure(&s, "scenario wall time (s)", started.elapsed().as_secs());
-}
-
-#[test]
-fn vm_systemd_reboot_mid_reencryption_resumes_background() {
-    reboot_mid_reencryption("background");
-}
-
-#[test]
-fn vm_systemd_reboot_mid_reencryption_resumes_blocking() {
-    reboot_mid_reencryption("blocking");
+    figure(
+        s,
+        "background resume: `systemctl status` samples showing `Status: \"reencrypt: N% …\"`",
+        status_lines,
+    );
+    figure(
+        s,
+        "background resume: files written by the workload",
+        written,
+    );
+    figure(
+        s,
+        "SIGTERM to the unit's stop recorded after it, at 60 % (s)",
+        format!("{second_stop_s:.1}"),
+    );
+    figure(
+        s,
+        "blocking resume: kernel start to root mounted (s)",
+        third.mounted_after().unwrap_or(0.0),
+    );
+    figure(
+        s,
+        "completed device: `systemd-analyze blame` of cryptfs.service (s)",
+        blame,
+    );
+    figure(s, "completed device: `systemd-analyze time`", analyze);
+    figure(
+        s,
+        "completed device: kernel start to root mounted (s)",
+        fourth.mounted_after().unwrap_or(0.0),
+    );
+    figure(s, "scenario wall time (s)", started.elapsed().as_secs());
 }
 
 /// SIGKILL of cryptfs.service while a device of the online re-encryption stack is suspended

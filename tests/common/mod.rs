@@ -15,6 +15,17 @@ pub mod proxy;
 pub const BIN: &str = env!("CARGO_BIN_EXE_cryptfs");
 pub const CI_PASSPHRASE: &str = "fiopassphrase";
 
+/// The crash harnesses' `cryptsetup reencrypt` anchor settings, after the operation's own flags:
+/// a cheap KDF (the passphrase is a test's) and cryptfs's 8 MiB hotzone.
+pub const ANCHOR_REENCRYPT_ARGS: &[&str] = &[
+    "--pbkdf",
+    "pbkdf2",
+    "--pbkdf-force-iterations",
+    "1000",
+    "--hotzone-size",
+    "8M",
+];
+
 /// The failpoints of `enroll-recovery` (cut by tests/recovery.rs, which enables the recovery
 /// key; tests/crash_resume.rs counts them among the failpoints the source defines).
 pub const RECOVERY_BOUNDARIES: &[&str] = &[
@@ -200,12 +211,42 @@ pub fn run_with_stdin(program: &str, args: &[&str], stdin: &[u8]) -> Output {
 
 /// A directory of random files (sizes from 1 KiB to 3 MiB, one of 12 MiB); returns their hashes.
 pub fn sample_tree(dir: &Path, seed: u64) -> BTreeMap<String, String> {
+    sample_tree_of(dir, seed, TreeShape::FULL)
+}
+
+/// How much a sample tree holds: one big file and `files` files of 1 KiB up to `max_file`.
+#[derive(Clone, Copy)]
+pub struct TreeShape {
+    big_file: usize,
+    files: usize,
+    max_file: usize,
+}
+
+impl TreeShape {
+    /// About 48 MiB: the tree of every rig of 96 MiB and more.
+    pub const FULL: TreeShape = TreeShape {
+        big_file: 12 << 20,
+        files: 24,
+        max_file: 3 << 20,
+    };
+    /// About 20 MiB, for the 64 MiB images of the crash harnesses (32 MiB of filesystem after
+    /// the shrink or the CI image's header room): every file still spans several hotzones'
+    /// worth of the device between them.
+    pub const SMALL: TreeShape = TreeShape {
+        big_file: 4 << 20,
+        files: 16,
+        max_file: 2 << 20,
+    };
+}
+
+/// [`sample_tree`] of a given shape.
+pub fn sample_tree_of(dir: &Path, seed: u64, shape: TreeShape) -> BTreeMap<String, String> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     std::fs::create_dir_all(dir.join("etc/app")).expect("mkdir");
     std::fs::create_dir_all(dir.join("var/data")).expect("mkdir");
-    let mut files = vec![("var/data/big.bin".to_string(), 12 << 20)];
-    for i in 0..24 {
-        let size = rng.gen_range(1024..3 << 20);
+    let mut files = vec![("var/data/big.bin".to_string(), shape.big_file)];
+    for i in 0..shape.files {
+        let size = rng.gen_range(1024..shape.max_file);
         let sub = if i % 3 == 0 { "etc/app" } else { "var/data" };
         files.push((format!("{sub}/file{i:02}.bin"), size));
     }
@@ -484,7 +525,13 @@ impl Rig {
         let dir = tempfile::tempdir().expect("tempdir");
         let tpm = Swtpm::start(dir.path());
         let src = dir.path().join("src");
-        let files = sample_tree(&src, size_mib);
+        // Below 96 MiB the full tree does not fit the filesystem left after 32 MiB of header room.
+        let shape = if size_mib < 96 {
+            TreeShape::SMALL
+        } else {
+            TreeShape::FULL
+        };
+        let files = sample_tree_of(&src, size_mib, shape);
         let device = dir.path().join("root.img");
         make(&device, &src);
         let boot = dir.path().join("boot");
