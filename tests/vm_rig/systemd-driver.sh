@@ -149,6 +149,13 @@ while :; do
 				mark "probe-ok after-kill $kills centiseconds=$probe_cs"
 			else
 				mark "probe-blocked after-kill $kills: $(suspended)"
+				# A second write, issued now that nothing is suspended: does the root
+				# take writes at all, or only the one issued during the suspension hung?
+				if probe "retry-$kills" 600; then
+					mark "probe-ok after-repair $kills centiseconds=$probe_cs"
+				else
+					mark "probe-blocked after-repair $kills: $(suspended)"
+				fi
 			fi
 			mark "after-probe suspended: $(suspended)"
 			;;
