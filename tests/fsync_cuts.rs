@@ -442,6 +442,60 @@ fn in_place_encryption_survives_a_cut_at_every_sync() {
     assert_rows(&row, &anchor);
 }
 
+/// The 4096-byte sector lever (`sector_size = 4096`) under the same cuts. cryptfs alone: the
+/// reference's sweep of in-place encryption above is the anchor, and the sector size changes
+/// nothing of its crash windows. Every recovered device must still have 4096-byte sectors.
+#[test]
+fn in_place_encryption_with_4096_byte_sectors_survives_a_cut_at_every_sync() {
+    let rig = Rig::new(Image::Plain, IN_PLACE_MIB);
+    std::fs::write(
+        &rig.config,
+        common::config_text(
+            &rig.device,
+            &rig.boot,
+            &rig.tpm.tcti(),
+            "sector_size = 4096",
+        ),
+    )
+    .expect("config");
+    let mut sectors_checked = 0u64;
+    let row = sweep(
+        &rig,
+        "in-place encryption, 4096-byte sectors",
+        "cryptfs (run --stage all)",
+        &["run", "--stage", "initramfs"],
+        |rig| {
+            common::cryptfs_recovers(rig)?;
+            let meta = common::luks2(&rig.device);
+            match meta.segment_sector_size() {
+                Some(4096) => {
+                    sectors_checked += 1;
+                    Ok(())
+                }
+                other => Err(format!("sector size after recovery: {other:?}")),
+            }
+        },
+    );
+    report(
+        "fsync_cuts-in-place-encryption-4096.md",
+        IN_PLACE_MIB,
+        &[&row],
+    );
+    assert!(row.points > 10, "only {} sync points counted", row.points);
+    assert!(
+        row.not_taken.is_empty() && row.taken == row.points,
+        "{} points, {} cuts taken; not taken at {:?}",
+        row.points,
+        row.taken,
+        row.not_taken
+    );
+    assert_eq!(row.intact, row.taken, "{:?}", row.failures);
+    assert_eq!(
+        sectors_checked, row.taken,
+        "every recovered device checked for 4096-byte sectors"
+    );
+}
+
 #[test]
 fn volume_key_change_survives_a_cut_at_every_sync() {
     let rig = Rig::new(Image::Ci, CI_IMAGE_MIB);

@@ -149,6 +149,11 @@ pub enum ImageCommand {
         /// LUKS2 label.
         #[arg(long, default_value = crate::image::DEFAULT_LABEL)]
         label: String,
+        /// Encryption sector size: 512 (the reference's), 4096 (refused over smaller
+        /// filesystem blocks) or auto (4096 when the filesystem's blocks allow it). A device
+        /// keeps it through its first-boot volume-key change.
+        #[arg(long, value_name = "512|4096|auto", default_value = "512")]
+        sector_size: crate::config::SectorSize,
     },
 }
 

@@ -4,6 +4,8 @@
 //! device = "/dev/disk/by-label/otaroot"   # the root partition (plain ext4 or LUKS2)
 //! boot_dir = "/boot"                      # unencrypted boot partition, mounted
 //! label = "otaroot"                       # LUKS2 label after in-place encryption
+//! # sector_size = 512      # encryption sector of in-place encryption: 512 (the reference's),
+//! #                        # 4096, or "auto" (4096 when the filesystem's blocks are 4096 bytes)
 //! # journal = "/boot/cryptfs/journal.redb"   (default: <boot_dir>/cryptfs/journal.redb)
 //! # image_passphrase_file = "/etc/cryptfs/image-passphrase"  (default: the reference's "fiopassphrase")
 //! # mapping_name = "rootfs"               # dm-crypt name when the volume is active
@@ -60,6 +62,10 @@ pub struct Config {
     /// LUKS2 label given by in-place encryption.
     #[serde(default = "default_label")]
     pub label: String,
+    /// Encryption sector size of in-place encryption (a volume-key change keeps the one the
+    /// volume has).
+    #[serde(default)]
+    pub sector_size: SectorSize,
     /// Journal file; defaults to `<boot_dir>/cryptfs/journal.redb`.
     #[serde(default)]
     pub journal: Option<PathBuf>,
@@ -306,6 +312,80 @@ impl Default for ReencryptConfig {
 
 fn default_hotzone() -> u64 {
     8 * 1024 * 1024
+}
+
+/// The encryption sector size asked for: every later I/O of the device is split into sectors
+/// of this size for its whole life, so 4096 costs dm-crypt an eighth of the per-sector work of
+/// 512. It may not exceed the filesystem's block size (a block would straddle two sectors and
+/// a torn write could corrupt both), which is why 4096 is not the default: "auto" picks it
+/// exactly when the filesystem allows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SectorSize {
+    /// 512 bytes: the reference's layout.
+    #[default]
+    Bytes512,
+    /// 4096 bytes: refused over a filesystem with smaller blocks.
+    Bytes4096,
+    /// 4096 when the filesystem's block size is at least 4096, else 512.
+    Auto,
+}
+
+/// A sector size that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SectorSizeError {
+    /// Not 512, 4096 or auto.
+    #[error("invalid sector size {0:?}: use 512, 4096 or \"auto\"")]
+    Invalid(String),
+    /// 4096 over a filesystem whose blocks are smaller.
+    #[error(
+        "sector size 4096 is larger than the filesystem's {0}-byte blocks (a block would span \
+         two encryption sectors); use 512 or \"auto\", or make the filesystem with 4096-byte \
+         blocks (mkfs.ext4 -b 4096)"
+    )]
+    LargerThanBlock(u64),
+}
+
+impl SectorSize {
+    /// The sector size in bytes for a filesystem of `fs_block_size`-byte blocks.
+    pub fn resolve(self, fs_block_size: u64) -> Result<u32, SectorSizeError> {
+        match self {
+            SectorSize::Bytes512 => Ok(512),
+            SectorSize::Bytes4096 if fs_block_size >= 4096 => Ok(4096),
+            SectorSize::Bytes4096 => Err(SectorSizeError::LargerThanBlock(fs_block_size)),
+            SectorSize::Auto if fs_block_size >= 4096 => Ok(4096),
+            SectorSize::Auto => Ok(512),
+        }
+    }
+}
+
+impl std::str::FromStr for SectorSize {
+    type Err = SectorSizeError;
+    fn from_str(text: &str) -> Result<SectorSize, SectorSizeError> {
+        match text {
+            "512" => Ok(SectorSize::Bytes512),
+            "4096" => Ok(SectorSize::Bytes4096),
+            "auto" => Ok(SectorSize::Auto),
+            _ => Err(SectorSizeError::Invalid(text.to_string())),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SectorSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Number(u64),
+            Text(String),
+        }
+        let text = match Written::deserialize(deserializer).map_err(|_| {
+            serde::de::Error::custom("expected a sector size: 512, 4096 or \"auto\"")
+        })? {
+            Written::Number(n) => n.to_string(),
+            Written::Text(t) => t,
+        };
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// The largest configuration file read.
@@ -567,6 +647,41 @@ mod tests {
         );
         // Off, the lock PCR is not used and not checked.
         assert!(tpm2("boot_phase_lock = false\nlock_pcr = 7").is_ok());
+    }
+
+    #[test]
+    fn sector_size_takes_512_4096_or_auto_and_never_exceeds_the_block_size() {
+        let parse = |line: &str| {
+            Config::parse(&format!(
+                "device = \"/dev/x\"\nboot_dir = \"/boot\"\n{line}\n[kek]\nkind = \"tpm2\"\n"
+            ))
+        };
+        let sector = |line: &str| parse(line).map(|c| c.sector_size);
+        assert_eq!(sector("").expect("default"), SectorSize::Bytes512);
+        assert_eq!(
+            sector("sector_size = 4096").expect("4096"),
+            SectorSize::Bytes4096
+        );
+        assert_eq!(
+            sector("sector_size = \"4096\"").expect("4096"),
+            SectorSize::Bytes4096
+        );
+        assert_eq!(
+            sector("sector_size = \"auto\"").expect("auto"),
+            SectorSize::Auto
+        );
+        for bad in ["1024", "\"2048\"", "\"Auto\"", "-1", "true"] {
+            let err = parse(&format!("sector_size = {bad}")).expect_err(bad);
+            assert!(format!("{err:#}").contains("sector size"), "{bad}: {err:#}");
+        }
+        assert_eq!(SectorSize::Bytes512.resolve(4096), Ok(512));
+        assert_eq!(SectorSize::Bytes4096.resolve(4096), Ok(4096));
+        assert_eq!(SectorSize::Auto.resolve(4096), Ok(4096));
+        assert_eq!(SectorSize::Auto.resolve(1024), Ok(512));
+        assert_eq!(
+            SectorSize::Bytes4096.resolve(1024),
+            Err(SectorSizeError::LargerThanBlock(1024))
+        );
     }
 
     fn hotzone(value: &str) -> Result<u64, String> {

@@ -31,7 +31,9 @@ use crate::failpoint;
 use crate::luks::{device, finalize, marker, reencrypt};
 use crate::probe::{self, Content};
 use crate::secret::Passphrase;
-use crate::steps::encrypt::{check_shrinkable, restore_image_length, shrink, sync_path};
+use crate::steps::encrypt::{
+    check_sector_size, check_shrinkable, restore_image_length, shrink, sync_path,
+};
 
 /// The reference's CI keyslot.
 pub const DEFAULT_KEYSLOT: u32 = 31;
@@ -52,6 +54,8 @@ pub struct Request {
     pub keyslot: u32,
     /// The LUKS2 label.
     pub label: String,
+    /// The encryption sector size asked for.
+    pub sector_size: crate::config::SectorSize,
 }
 
 /// What the command did.
@@ -312,6 +316,9 @@ pub fn encrypt(req: &Request) -> crate::Result<Outcome> {
         match probed.content {
             Content::PlainExt4(fs) => {
                 let size_bytes = probed.size_bytes;
+                let sector_size =
+                    check_sector_size(&dev, &fs, size_bytes, HOTZONE_BYTES, req.sector_size)
+                        .with_context(|| format!("--sector-size for {what}"))?;
                 let target_blocks = check_shrinkable(&dev, &fs, size_bytes)
                     .with_context(|| format!("refusing to encrypt {what}"))?;
                 // Preconditions checked: from here on the image changes.
@@ -326,6 +333,7 @@ pub fn encrypt(req: &Request) -> crate::Result<Outcome> {
                     origin: VolumeKeyOrigin::Image,
                     // As the cryptsetup CLI's keyslot: its AF hash, hence the same layout.
                     pbkdf_hash: "sha256",
+                    sector_size,
                 };
                 reencrypt::prepare_in_place(
                     &dev,

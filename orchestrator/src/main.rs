@@ -206,6 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     passphrase_file,
                     keyslot,
                     label,
+                    sector_size,
                 },
         } => {
             let bytes = cryptfs::secret::read_secret_file(&passphrase_file, "CI passphrase")?;
@@ -215,6 +216,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 passphrase: cryptfs::secret::Passphrase::new(bytes.to_vec()),
                 keyslot,
                 label,
+                sector_size,
             };
             let outcome =
                 tokio::task::spawn_blocking(move || cryptfs::image::encrypt(&request)).await??;

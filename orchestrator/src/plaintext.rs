@@ -12,7 +12,9 @@ use xts_mode::{get_tweak_default, Xts128};
 
 use crate::luks::metadata::Luks2Metadata;
 
-const SECTOR: usize = 512;
+/// dm-crypt counts IVs in 512-byte units whatever the encryption sector size (LUKS2 does not
+/// set `iv_large_sectors`): a 4096-byte sector's IV is its offset / 512.
+const IV_UNIT: u64 = 512;
 
 /// Decrypts the single aes-xts-plain64 data segment of `device` with `volume_key` into `out`;
 /// returns the number of bytes written.
@@ -31,9 +33,13 @@ pub fn export(
         .context("LUKS2 metadata has no segment 0")?;
     let encryption = segment.get("encryption").and_then(|v| v.as_str());
     let sector_size = segment.get("sector_size").and_then(|v| v.as_u64());
-    if encryption != Some("aes-xts-plain64") || sector_size != Some(SECTOR as u64) {
-        bail!("only aes-xts-plain64 with 512-byte sectors is supported here ({encryption:?}, {sector_size:?})");
-    }
+    let sector = match (encryption, sector_size) {
+        (Some("aes-xts-plain64"), Some(n @ (512 | 4096))) => n,
+        _ => bail!(
+            "only aes-xts-plain64 with 512- or 4096-byte sectors is supported here \
+             ({encryption:?}, {sector_size:?})"
+        ),
+    };
     if volume_key.len() != 64 {
         bail!("expected a 512-bit volume key");
     }
@@ -49,6 +55,9 @@ pub fn export(
         Some("dynamic") | None => end - offset,
         Some(n) => n.parse().context("bad segment size")?,
     };
+    if !length.is_multiple_of(sector) {
+        bail!("the data segment ({length} bytes) is not a whole number of {sector}-byte sectors");
+    }
     let xts = Xts128::new(
         Aes256::new_from_slice(&volume_key[..32]).map_err(|_| anyhow::anyhow!("bad key"))?,
         Aes256::new_from_slice(&volume_key[32..]).map_err(|_| anyhow::anyhow!("bad key"))?,
@@ -61,8 +70,13 @@ pub fn export(
     while done < length {
         let n = usize::try_from((length - done).min(buf.len() as u64))?;
         input.read_exact(&mut buf[..n])?;
-        let first_sector = u128::from(iv_tweak + done / SECTOR as u64);
-        xts.decrypt_area(&mut buf[..n], SECTOR, first_sector, get_tweak_default);
+        for (i, chunk) in buf[..n].chunks_mut(usize::try_from(sector)?).enumerate() {
+            let at = done + u64::try_from(i)? * sector;
+            let iv = iv_tweak
+                .checked_add(at / IV_UNIT)
+                .context("IV out of range")?;
+            xts.decrypt_sector(chunk, get_tweak_default(u128::from(iv)));
+        }
         output.write_all(&buf[..n])?;
         done += n as u64;
     }

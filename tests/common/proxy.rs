@@ -72,6 +72,22 @@ fn serve(listener: TcpListener, target: u16, logs: Option<(Log, Log)>, cut: Opti
     });
 }
 
+/// Listeners on a free pair of adjacent loopback ports (the data port and its control port).
+/// A pair found free can be taken before it is bound (a swtpm or a client of another test
+/// thread, seen in a CI run as "Address already in use"): another pair is tried then.
+fn bind_port_pair() -> (u16, TcpListener, TcpListener) {
+    for _ in 0..50 {
+        let port = super::free_port_pair();
+        if let (Ok(data), Ok(ctrl)) = (
+            TcpListener::bind(("127.0.0.1", port)),
+            TcpListener::bind(("127.0.0.1", port + 1)),
+        ) {
+            return (port, data, ctrl);
+        }
+    }
+    panic!("no free pair of loopback ports for the TPM proxy after 50 tries");
+}
+
 impl Proxy {
     pub fn start(tpm: &Swtpm) -> Proxy {
         Self::start_cutting(tpm, None)
@@ -80,9 +96,7 @@ impl Proxy {
     /// A proxy that SIGKILLs the swtpm (a power cut) instead of forwarding a command with the
     /// code `cut_at` (e.g. mid-unlock, when TPM2_Unseal is sent).
     pub fn start_cutting(tpm: &Swtpm, cut_at: Option<u32>) -> Proxy {
-        let port = super::free_port_pair();
-        let data = TcpListener::bind(("127.0.0.1", port)).expect("proxy port");
-        let ctrl = TcpListener::bind(("127.0.0.1", port + 1)).expect("proxy control port");
+        let (port, data, ctrl) = bind_port_pair();
         let bus = Arc::new(Mutex::new(Vec::new()));
         let commands = Arc::new(Mutex::new(Vec::new()));
         let cut = cut_at.map(|cc| (cc, tpm.pid()));

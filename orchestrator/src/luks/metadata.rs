@@ -154,6 +154,32 @@ impl Luks2Metadata {
         })
     }
 
+    /// The encryption sector size of the data, when every data segment (not a re-encryption
+    /// backup) agrees on one that cryptfs supports (512 or 4096); `None` otherwise.
+    pub fn segment_sector_size(&self) -> Option<u32> {
+        let segments = self.json.get("segments")?.as_object()?;
+        let mut sizes = segments
+            .values()
+            .filter(|seg| {
+                !seg.get("flags").and_then(Value::as_array).is_some_and(|f| {
+                    f.iter()
+                        .filter_map(Value::as_str)
+                        .any(|x| x.starts_with("backup-"))
+                })
+            })
+            .filter(|seg| seg.get("type").and_then(Value::as_str) == Some("crypt"))
+            .map(|seg| seg.get("sector_size").and_then(Value::as_u64));
+        let first = sizes.next()??;
+        if !sizes.all(|s| s == Some(first)) {
+            return None;
+        }
+        match first {
+            512 => Some(512),
+            4096 => Some(4096),
+            _ => None,
+        }
+    }
+
     /// Checks that the data segments this header describes lie on a device of `device_size`
     /// bytes (an on-disk offset past the end is hostile or belongs to another device).
     pub fn check_fits(&self, device_size: u64) -> crate::Result<()> {

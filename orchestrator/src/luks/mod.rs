@@ -11,7 +11,8 @@ pub mod reencrypt;
 pub const DATA_OFFSET_BYTES: u64 = 16 * 1024 * 1024;
 /// How much in-place encryption takes from the end of the filesystem.
 pub const REDUCE_DEVICE_BYTES: u64 = 32 * 1024 * 1024;
-/// Sector size of the encrypted data (the reference's; see the crash-windows note on 4096).
+/// The reference's sector size of the encrypted data, and cryptfs's default (`sector_size` in
+/// the configuration chooses 4096; see the crash-windows note on why it is always explicit).
 pub const SECTOR_SIZE: u32 = 512;
 /// aes-xts-plain64 with two 256-bit keys.
 pub const VOLUME_KEY_BYTES: usize = 64;

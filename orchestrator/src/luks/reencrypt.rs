@@ -25,20 +25,27 @@ pub enum Kind {
     Reencrypt,
 }
 
-fn luks2_params(label: Option<&str>) -> CryptParamsLuks2 {
+fn luks2_params(label: Option<&str>, sector_size: u32) -> CryptParamsLuks2 {
     CryptParamsLuks2 {
         pbkdf: None,
         integrity: None,
         integrity_params: None,
         data_alignment: 0,
         data_device: None,
-        sector_size: SECTOR_SIZE,
+        sector_size,
         label: label.map(String::from),
         subsystem: None,
     }
 }
 
-fn params(kind: Kind, flags: CryptReencrypt, hotzone_bytes: u64) -> CryptParamsReencrypt {
+/// Re-encryption parameters. `sector_size` matters only where a run is initialised (the new
+/// segment's sector); a resume or a recovery reads every parameter from the header.
+fn params(
+    kind: Kind,
+    flags: CryptReencrypt,
+    hotzone_bytes: u64,
+    sector_size: u32,
+) -> CryptParamsReencrypt {
     let (mode, direction, resilience, data_shift) = match kind {
         Kind::Encrypt => (
             CryptReencryptModeInfo::Encrypt,
@@ -61,7 +68,7 @@ fn params(kind: Kind, flags: CryptReencrypt, hotzone_bytes: u64) -> CryptParamsR
         data_shift,
         max_hotzone_size: hotzone_bytes / 512,
         device_size: 0,
-        luks2: Some(luks2_params(None)),
+        luks2: Some(luks2_params(None, sector_size)),
         flags,
     }
 }
@@ -83,6 +90,9 @@ pub struct InPlaceHeader<'a> {
     /// the keyslot's anti-forensic hash: `sha256` gives the layout of a keyslot the
     /// cryptsetup CLI makes (its AF hash default), systemd's token keyslots use `sha512`.
     pub pbkdf_hash: &'a str,
+    /// The encryption sector size (512 or 4096), already checked against the filesystem's
+    /// block size and the device's length.
+    pub sector_size: u32,
 }
 
 /// Formats a detached LUKS2 header in `temp_header` for in-place encryption of `device` and
@@ -120,7 +130,7 @@ pub fn prepare_in_place(
     cd.settings_handle()
         .set_pbkdf_type(&super::device::pbkdf2(header.pbkdf_hash))?;
     cd.set_data_offset(DATA_OFFSET_BYTES / 512)?;
-    let luks2 = luks2_params(Some(header.label));
+    let luks2 = luks2_params(Some(header.label), header.sector_size);
     let mut luks2_ref: CryptParamsLuks2Ref<'_> = (&luks2).try_into()?;
     cd.context_handle()
         .format(
@@ -166,6 +176,7 @@ pub fn prepare_in_place(
                 Kind::Encrypt,
                 CryptReencrypt::INITIALIZE_ONLY | CryptReencrypt::MOVE_FIRST_SEGMENT,
                 hotzone_bytes,
+                header.sector_size,
             ),
         )
         .context("cannot initialise in-place encryption")?;
@@ -179,12 +190,15 @@ pub fn prepare_in_place(
 /// then the header is marked. A crash before the mark leaves an extra keyslot that the token
 /// also names; repeating this call adds another one, and the re-encryption's completion drops
 /// every keyslot of the old key. The mark is done without the mapping name, as `--init-only`
-/// does: the run that follows decides online or offline.
+/// does: the run that follows decides online or offline. `sector_size` is the volume's own
+/// (the caller reads it from the header): libcryptsetup would otherwise re-encrypt into the
+/// sector size of the parameters, and a 4096-byte image would fall back to 512.
 pub fn init_volume_key_change(
     device: &Path,
     passphrase: &Passphrase,
     keyslot: u32,
     hotzone_bytes: u64,
+    sector_size: u32,
 ) -> crate::Result<u32> {
     let mut cd = open(device)?;
     cd.settings_handle().set_pbkdf_type(&token_pbkdf())?;
@@ -219,6 +233,7 @@ pub fn init_volume_key_change(
                 Kind::Reencrypt,
                 CryptReencrypt::INITIALIZE_ONLY,
                 hotzone_bytes,
+                sector_size,
             ),
         )
         .context("cannot initialise re-encryption with a new volume key")?;
@@ -228,9 +243,12 @@ pub fn init_volume_key_change(
 /// The re-encryption status libcryptsetup reports for `device`.
 pub fn status(device: &Path) -> crate::Result<CryptReencryptInfo> {
     let mut cd = open(device)?;
-    Ok(cd
-        .reencrypt_handle()
-        .status(params(Kind::Reencrypt, CryptReencrypt::empty(), 0))?)
+    Ok(cd.reencrypt_handle().status(params(
+        Kind::Reencrypt,
+        CryptReencrypt::empty(),
+        0,
+        SECTOR_SIZE,
+    ))?)
 }
 
 /// Receives progress: `(bytes done, bytes total)`; returning `false` stops the run cleanly
@@ -266,9 +284,9 @@ pub fn recover_if_crashed(
     hotzone_bytes: u64,
 ) -> crate::Result<bool> {
     let mut cd = open(device)?;
-    let info = cd
-        .reencrypt_handle()
-        .status(params(kind, CryptReencrypt::empty(), 0))?;
+    let info =
+        cd.reencrypt_handle()
+            .status(params(kind, CryptReencrypt::empty(), 0, SECTOR_SIZE))?;
     match info {
         CryptReencryptInfo::None => bail!("{} has no re-encryption to run", device.display()),
         CryptReencryptInfo::Invalid => bail!(
@@ -285,7 +303,7 @@ pub fn recover_if_crashed(
                     None,
                     None,
                     None,
-                    params(kind, CryptReencrypt::RECOVERY, hotzone_bytes),
+                    params(kind, CryptReencrypt::RECOVERY, hotzone_bytes, SECTOR_SIZE),
                 )
                 .context("re-encryption crash recovery failed")?;
             Ok(true)
@@ -312,7 +330,12 @@ pub fn resume(
             None,
             None,
             None,
-            params(kind, CryptReencrypt::RESUME_ONLY, hotzone_bytes),
+            params(
+                kind,
+                CryptReencrypt::RESUME_ONLY,
+                hotzone_bytes,
+                SECTOR_SIZE,
+            ),
         )
         .context("cannot load the re-encryption context")?;
     // The trampoline only sees a thin pointer, so the (fat) callback travels inside a Sink.

@@ -214,6 +214,37 @@ pub fn check_shrinkable(dev: &Path, fs: &Ext4Facts, size_bytes: u64) -> crate::R
     Ok(target_blocks)
 }
 
+/// The encryption sector size for `fs` on a device of `size_bytes` (checked, writes nothing):
+/// `wanted` resolved against the filesystem's block size, and the device's length and the
+/// hotzone whole multiples of it (dm-crypt maps whole sectors only; a tail that is not one
+/// would be cut off the filesystem). Shared with `cryptfs image encrypt`.
+pub fn check_sector_size(
+    dev: &Path,
+    fs: &Ext4Facts,
+    size_bytes: u64,
+    hotzone_bytes: u64,
+    wanted: crate::config::SectorSize,
+) -> crate::Result<u32> {
+    let sector_size = wanted
+        .resolve(fs.block_size)
+        .with_context(|| format!("refusing to encrypt {}", dev.display()))?;
+    let sector = u64::from(sector_size);
+    if !size_bytes.is_multiple_of(sector) {
+        bail!(
+            "refusing to encrypt {} with {sector_size}-byte sectors: its length ({size_bytes} \
+             bytes) is not a multiple of the sector size; use sector_size = 512",
+            dev.display()
+        );
+    }
+    if !hotzone_bytes.is_multiple_of(sector) {
+        bail!(
+            "reencrypt.hotzone_size ({hotzone_bytes} bytes) is not a multiple of the \
+             {sector_size}-byte sector size"
+        );
+    }
+    Ok(sector_size)
+}
+
 /// The shrink itself: `e2fsck -p`, `resize2fs` to `target_blocks` (when needed), the device's
 /// length back (an image file) and the last check that 32 MiB are free after the filesystem.
 /// Shared with `cryptfs image encrypt`.
@@ -242,6 +273,13 @@ fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::R
     check_stale_temp_header(ctx)?;
     let size_bytes = restore_journaled_length(ctx, size_bytes)?;
     // Preconditions, all before the first write.
+    let sector_size = check_sector_size(
+        &dev,
+        fs,
+        size_bytes,
+        ctx.config.reencrypt.hotzone_size,
+        ctx.config.sector_size,
+    )?;
     let target_blocks = check_shrinkable(&dev, fs, size_bytes)?;
     ctx.kek.preflight()?;
 
@@ -259,6 +297,7 @@ fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::R
             ("filesystem_uuid", Value::from(fs.uuid.clone())),
             ("filesystem_label", Value::from(fs.label.clone())),
             ("device_bytes", Value::from(size_bytes)),
+            ("sector_size", Value::from(sector_size)),
             (SUPERBLOCK_BEFORE, Value::from(hex::encode(superblock))),
         ]),
     )?;
@@ -292,6 +331,7 @@ fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::R
             keyslot: None,
             origin: VolumeKeyOrigin::InPlace,
             pbkdf_hash: crate::luks::device::PBKDF2_TOKEN_HASH,
+            sector_size,
         },
         &passphrase,
         ctx.config.reencrypt.hotzone_size,

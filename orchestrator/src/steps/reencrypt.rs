@@ -61,6 +61,14 @@ pub fn keyslots_lost_by_volume_key_change(
 
 /// Marks the header for re-encryption with a new volume key.
 pub fn init(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()> {
+    // The volume keeps its sector size through the key change (checked before any write).
+    let sector_size = meta.segment_sector_size().ok_or_else(|| {
+        anyhow!(
+            "{}: the data segment's sector size is not 512 or 4096 (or its segments disagree); \
+             refusing to replace the volume key",
+            ctx.config.device.display()
+        )
+    })?;
     let (keyslot, passphrase) = super::unlock_with_token(ctx, meta)?;
     let lost = keyslots_lost_by_volume_key_change(meta, keyslot);
     if !lost.is_empty() {
@@ -96,7 +104,10 @@ pub fn init(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()
     ctx.rec.intent(
         Step::InitReencrypt,
         ctx.state,
-        Journal::details([(keys::KEYSLOT, Value::from(keyslot))]),
+        Journal::details([
+            (keys::KEYSLOT, Value::from(keyslot)),
+            ("sector_size", Value::from(sector_size)),
+        ]),
     )?;
     failpoint::hit("init-reencrypt:after-intent");
     let new_keyslot = luks_reencrypt::init_volume_key_change(
@@ -104,6 +115,7 @@ pub fn init(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()
         &passphrase,
         keyslot,
         ctx.config.reencrypt.hotzone_size,
+        sector_size,
     )?;
     failpoint::hit("init-reencrypt:after-init");
     ctx.rec.done(
