@@ -358,6 +358,19 @@ fn sweep_reference(
     row
 }
 
+/// A cryptfs-only sweep: enough points counted, every point cut, every cut intact.
+fn assert_cryptfs_row(row: &Row) {
+    assert!(row.points > 10, "only {} sync points counted", row.points);
+    assert!(
+        row.not_taken.is_empty() && row.taken == row.points,
+        "{} points, {} cuts taken; not taken at {:?}",
+        row.points,
+        row.taken,
+        row.not_taken
+    );
+    assert_eq!(row.intact, row.taken, "{:?}", row.failures);
+}
+
 /// The claims the README and design/ make from these tables.
 fn assert_rows(cryptfs: &Row, reference: &Row) {
     for row in [cryptfs, reference] {
@@ -481,15 +494,7 @@ fn in_place_encryption_with_4096_byte_sectors_survives_a_cut_at_every_sync() {
         IN_PLACE_MIB,
         &[&row],
     );
-    assert!(row.points > 10, "only {} sync points counted", row.points);
-    assert!(
-        row.not_taken.is_empty() && row.taken == row.points,
-        "{} points, {} cuts taken; not taken at {:?}",
-        row.points,
-        row.taken,
-        row.not_taken
-    );
-    assert_eq!(row.intact, row.taken, "{:?}", row.failures);
+    assert_cryptfs_row(&row);
     assert_eq!(
         sectors_checked, row.taken,
         "every recovered device checked for 4096-byte sectors"
@@ -681,15 +686,7 @@ fn reseal_survives_a_cut_at_every_sync() {
     );
     report("fsync_cuts-reseal.md", CI_IMAGE_MIB, &[&row]);
     eprintln!("interrupted reseals resolved as: {resolved:?}");
-    assert!(row.points > 10, "only {} sync points counted", row.points);
-    assert!(
-        row.not_taken.is_empty() && row.taken == row.points,
-        "{} points, {} cuts taken; not taken at {:?}",
-        row.points,
-        row.taken,
-        row.not_taken
-    );
-    assert_eq!(row.intact, row.taken, "{:?}", row.failures);
+    assert_cryptfs_row(&row);
     // Both ways out were exercised: an unproven new pair undone, a proven one completed.
     assert!(
         resolved.get("rolled back").is_some_and(|n| *n > 0)
