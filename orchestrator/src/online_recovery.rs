@@ -225,6 +225,42 @@ pub fn region_under_new_key(json: &Value, start: u64, len: u64) -> Option<bool> 
     Some(start + len <= end && digest_of(id)? == new_digest)
 }
 
+/// The progress callback's rule for running exactly one hotzone offline.
+///
+/// libcryptsetup (2.6.1, `crypt_reencrypt_run`) calls back once before the first hotzone and
+/// then after each one, but adds a hotzone to the progress it reports only after that
+/// callback: the call after the first hotzone still reports where the run started. A rule on
+/// the reported offset alone ("stop once past the hotzone") therefore let a second hotzone
+/// through, which the overlay's table still maps with the old key (found by the VM tier:
+/// binaries read from there during the repair failed to run). So the rule stops at the first
+/// call after a hotzone, whatever it reports, and also as soon as the offset is past the
+/// hotzone (a library that reports up to date, or calls back only after hotzones).
+#[derive(Debug)]
+struct OneHotzone {
+    data_offset: u64,
+    hotzone_start: u64,
+    calls: u32,
+}
+
+impl OneHotzone {
+    /// `hotzone_start`: the hotzone's absolute byte offset on the device; `data_offset`: the
+    /// data area's.
+    fn new(data_offset: u64, hotzone_start: u64) -> OneHotzone {
+        OneHotzone {
+            data_offset,
+            hotzone_start,
+            calls: 0,
+        }
+    }
+
+    /// Whether libcryptsetup may run another hotzone, given the progress `done` (bytes of the
+    /// data area) it reports.
+    fn keep_going(&mut self, done: u64) -> bool {
+        self.calls = self.calls.saturating_add(1);
+        self.calls < 2 && done.saturating_add(self.data_offset) <= self.hotzone_start
+    }
+}
+
 fn header_of(path: &Path) -> crate::Result<Box<Luks2Metadata>> {
     match metadata::read(path)? {
         HeaderKind::Luks2(meta) => Ok(meta),
@@ -320,15 +356,14 @@ fn repair(
         Some(false) => {
             // Killed before the resilience commit: do the hotzone the killed run was doing,
             // and only that one.
-            let data_offset = meta.data_offset.unwrap_or(0);
-            let mut one = |done: u64, _total: u64| done + data_offset <= start;
+            let mut one = OneHotzone::new(meta.data_offset.unwrap_or(0), start);
             luks_reencrypt::resume(
                 &alias.node,
                 Kind::Reencrypt,
                 None,
                 passphrase,
                 hotzone_bytes,
-                &mut one,
+                &mut |done, _total| one.keep_going(done),
             )?;
             let after = header_of(&alias.node)?;
             if region_under_new_key(&after.json, start, len) != Some(true) {
@@ -336,6 +371,16 @@ fn repair(
                     "after re-encrypting the interrupted hotzone the header still does not put \
                      the overlay's hotzone ({start}+{len}) under the new key: the stack stays \
                      suspended"
+                );
+            }
+            // The overlay maps everything after its hotzone with the old key: had more than
+            // that hotzone been rewritten, resuming would serve the rest wrong (and store
+            // writes there under the old key).
+            if region_under_new_key(&after.json, start + len, 512) == Some(true) {
+                bail!(
+                    "re-encryption went past the overlay's hotzone ({start}+{len}): resuming \
+                     would serve the region after it with the old key; the stack stays \
+                     suspended (the next boot's crash recovery repairs it)"
                 );
             }
             how = "interrupted hotzone re-encrypted";
@@ -435,6 +480,58 @@ mod tests {
                 "1": {"segments": ["0", "2"], "keyslots": ["1"]}
             }
         })
+    }
+
+    /// What `crypt_reencrypt_run` (2.6.1) passes: the start offset before the first hotzone,
+    /// then, after each hotzone, the offset of the hotzone just done.
+    fn lagging_reports(start_done: u64, hotzone: u64) -> impl Iterator<Item = u64> {
+        std::iter::once(start_done).chain((0..).map(move |i| start_done + i * hotzone))
+    }
+
+    /// How many hotzones libcryptsetup runs under `rule`, calling back as `reports` says.
+    fn hotzones_run(rule: &mut OneHotzone, reports: impl Iterator<Item = u64>) -> usize {
+        let mut run = 0;
+        for (call, done) in reports.enumerate().take(10) {
+            if !rule.keep_going(done) {
+                return run;
+            }
+            // After the first (initial) call, each further call follows one hotzone.
+            run = call + 1;
+        }
+        run
+    }
+
+    #[test]
+    fn one_hotzone_is_run_although_the_progress_lags_one_hotzone_behind() {
+        let mib = 1 << 20;
+        let (data_offset, hotzone) = (16 * mib, 8 * mib);
+        // The killed run's hotzone: data 96..104 MiB, absolute 112 MiB.
+        let start = data_offset + 96 * mib;
+        let mut rule = OneHotzone::new(data_offset, start);
+        assert_eq!(
+            hotzones_run(&mut rule, lagging_reports(96 * mib, hotzone)),
+            1
+        );
+        // The rule on the offset alone, as it was: two.
+        let offset_only = lagging_reports(96 * mib, hotzone)
+            .take_while(|done| done + data_offset <= start)
+            .count();
+        assert_eq!(offset_only, 2);
+    }
+
+    #[test]
+    fn one_hotzone_is_run_when_the_progress_is_up_to_date_or_only_follows_hotzones() {
+        let mib = 1 << 20;
+        let (data_offset, hotzone) = (16 * mib, 8 * mib);
+        let start = data_offset + 96 * mib;
+        let up_to_date = std::iter::once(96 * mib).chain((1..).map(|i| 96 * mib + i * hotzone));
+        assert_eq!(
+            hotzones_run(&mut OneHotzone::new(data_offset, start), up_to_date),
+            1
+        );
+        // No initial call: the first call follows the first hotzone and must stop the run.
+        let mut rule = OneHotzone::new(data_offset, start);
+        assert!(!rule.keep_going(104 * mib));
     }
 
     #[test]
