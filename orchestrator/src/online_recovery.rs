@@ -207,8 +207,15 @@ pub fn region_under_new_key(json: &Value, start: u64, len: u64) -> Option<bool> 
                 .then_some(d.clone())
         })
     };
-    let final_id = segments.iter().find(|(_, s)| flagged(s, "backup-final"))?.0;
-    let new_digest = digest_of(final_id)?;
+    let new_digest = match segments.iter().find(|(_, s)| flagged(s, "backup-final")) {
+        Some((final_id, _)) => digest_of(final_id)?,
+        // No re-encryption left in the header: a kill in the last hotzone, whose repair
+        // completed the job and dropped the old key. The one digest left is the new key's.
+        None => match digests.keys().collect::<Vec<_>>().as_slice() {
+            [only] => (*only).clone(),
+            _ => return None,
+        },
+    };
     let (id, seg) = segments.iter().find(|(_, s)| {
         let backup = s.get("flags").and_then(Value::as_array).is_some_and(|f| {
             f.iter()
@@ -532,6 +539,25 @@ mod tests {
         // No initial call: the first call follows the first hotzone and must stop the run.
         let mut rule = OneHotzone::new(data_offset, start);
         assert!(!rule.keep_going(104 * mib));
+    }
+
+    #[test]
+    fn a_finished_header_puts_everything_under_the_one_key_left() {
+        let mib: u64 = 1 << 20;
+        let finished = serde_json::json!({
+            "segments": {"0": {"type": "crypt", "offset": "16777216", "size": "dynamic"}},
+            "digests": {"1": {"segments": ["0"], "keyslots": ["1"]}}
+        });
+        assert_eq!(
+            region_under_new_key(&finished, 16 * mib + 232 * mib, 8 * mib),
+            Some(true)
+        );
+        // Two digests and no backup-final segment: which key is new is unknown.
+        let ambiguous = serde_json::json!({
+            "segments": {"0": {"type": "crypt", "offset": "16777216", "size": "dynamic"}},
+            "digests": {"0": {"segments": [], "keyslots": ["0"]}, "1": {"segments": ["0"], "keyslots": ["1"]}}
+        });
+        assert_eq!(region_under_new_key(&ambiguous, 16 * mib, 8 * mib), None);
     }
 
     #[test]
