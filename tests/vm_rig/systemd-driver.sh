@@ -103,8 +103,9 @@ dm_flag() {
 }
 # After a kill mid-hotzone: reads, through the mounted root's device (O_DIRECT), the 8 MiB
 # before the killed run's hotzone and the 16 MiB after it (never the hotzone itself: a read
-# there waits while it is suspended), once at the kill, then every 0.5 s until recover-online
-# has removed the overlay, then once more. Each read is one line of per-MiB blake3 prefixes;
+# there waits while it is suspended), once at the kill, then again and again until
+# recover-online has removed the overlay (at most 0.5 s apart while the hotzone device is
+# suspended, back to back after its resume), then once more. Each read is one line of per-MiB blake3 prefixes;
 # "window" marks a read taken after the hotzone was resumed and before the overlay was gone,
 # when the overlay's table still serves the regions around it. The host compares them: a chunk
 # that reads differently in a window and then as at the kill again was served wrong.
