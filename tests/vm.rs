@@ -352,6 +352,29 @@ fn vm_power_cut_during_online_reencryption_finishes_in_the_background() {
         "online re-encryption after recovery (MiB/s)",
         second.rate("reencrypt").unwrap_or(0.0),
     );
+    // `[activation]` (both workqueue flags in this configuration): the kernel's live table
+    // after the online re-encryption and its table swaps, and the header after the backup.
+    let mapping = second.marker("mapping ").unwrap_or_default();
+    let options: Vec<&str> = mapping
+        .split_once("options:")
+        .map(|(_, o)| o.split_whitespace().collect())
+        .unwrap_or_default();
+    for flag in ["no_read_workqueue", "no_write_workqueue"] {
+        assert!(
+            options.contains(&flag),
+            "live table without {flag}: {mapping:?}\n{console}"
+        );
+    }
+    let sectors = second.marker("sectors ").unwrap_or_default();
+    assert!(
+        sectors.ends_with("persistent flags: no-read-workqueue no-write-workqueue"),
+        "header flags: {sectors:?}\n{console}"
+    );
+    figure(
+        "power cut, background",
+        "live dm-crypt options at the end",
+        options.join(" "),
+    );
 }
 
 #[test]

@@ -36,6 +36,10 @@
 //! resume = "initramfs"         # or "background": after a crash, the initramfs only repairs
 //!                              # and the userspace service finishes the job
 //!
+//! # [activation]               # dm-crypt flags, also stored in the LUKS2 header (persistent)
+//! # no_read_workqueue = false  # decrypt reads in the completing context (no kcryptd queue)
+//! # no_write_workqueue = false # encrypt writes in the submitting context
+//!
 //! # [recovery]                 # optional: a systemd-compatible recovery key keyslot
 //! # enabled = true
 //! # escrow_file = "/boot/recovery.key"           # written 0600 before the keyslot exists
@@ -80,6 +84,9 @@ pub struct Config {
     /// Re-encryption settings.
     #[serde(default)]
     pub reencrypt: ReencryptConfig,
+    /// dm-crypt activation flags.
+    #[serde(default)]
+    pub activation: ActivationConfig,
     /// The recovery key (off unless `[recovery] enabled = true`).
     #[serde(default)]
     pub recovery: RecoveryConfig,
@@ -282,6 +289,24 @@ fn default_boot_phase_lock() -> bool {
 }
 fn default_lock_pcr() -> u8 {
     15
+}
+
+/// `[activation]`: dm-crypt performance flags. cryptfs passes them to every activation and
+/// stores them in the header as LUKS2 persistent flags (before the header backup), so every later
+/// activation by any LUKS2 tool, and libcryptsetup's own table reloads during an online
+/// re-encryption, use them too. Both default off: `cargo xtask bench --vm` (row 5,
+/// design/results/bench-vm.md) measures them against the plain mapping.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivationConfig {
+    /// dm-crypt `no_read_workqueue`: reads are decrypted where they complete instead of in
+    /// kcryptd's queue.
+    #[serde(default)]
+    pub no_read_workqueue: bool,
+    /// dm-crypt `no_write_workqueue`: writes are encrypted where they are submitted instead of
+    /// in kcryptd's queue.
+    #[serde(default)]
+    pub no_write_workqueue: bool,
 }
 
 /// `[reencrypt]`.

@@ -165,6 +165,39 @@ pub fn table(name: &str) -> crate::Result<Vec<Target>> {
     Ok(out)
 }
 
+/// The optional parameters of `name`'s crypt targets (`no_read_workqueue`, `sector_size:4096`,
+/// ...), in table order without repeats: never the key, which is the second field and never
+/// has this shape (hex, or `:<size>:<type>:<description>` for a keyring key).
+pub fn crypt_options(name: &str) -> crate::Result<Vec<String>> {
+    let mut options: Vec<String> = Vec::new();
+    for target in table(name)?.iter().filter(|t| t.kind == "crypt") {
+        for option in crypt_options_of(&target.params) {
+            if !options.contains(&option) {
+                options.push(option);
+            }
+        }
+    }
+    Ok(options)
+}
+
+/// The optional parameters of one crypt target's table line:
+/// `<cipher> <key> <iv_offset> <device> <offset> [<#opt_params> <opt_params>...]`. Only words
+/// shaped `name` or `name:digits` (lowercase and `_`) are taken, so nothing else of the line
+/// can leak into a report.
+fn crypt_options_of(params: &str) -> Vec<String> {
+    params
+        .split_whitespace()
+        .skip(6)
+        .filter(|word| {
+            let (flag, value) = word.split_once(':').unwrap_or((word, ""));
+            !flag.is_empty()
+                && flag.bytes().all(|c| c.is_ascii_lowercase() || c == b'_')
+                && value.bytes().all(|c| c.is_ascii_digit())
+        })
+        .map(String::from)
+        .collect()
+}
+
 /// Loads `targets` as the inactive table of `name`.
 pub fn load(name: &str, targets: &[Target]) -> crate::Result<()> {
     let mut payload = Buffer(Vec::new());
@@ -266,6 +299,27 @@ pub fn devices() -> Vec<(String, bool, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crypt_options_are_the_optional_parameters_and_never_the_key() {
+        let key = "a".repeat(128);
+        let line = format!(
+            "aes-xts-plain64 {key} 0 252:2 32768 3 no_read_workqueue no_write_workqueue \
+             sector_size:4096"
+        );
+        let options = crypt_options_of(&line);
+        assert_eq!(
+            options,
+            [
+                "no_read_workqueue",
+                "no_write_workqueue",
+                "sector_size:4096"
+            ]
+        );
+        // A keyring key, and a line with no optional parameters.
+        let keyring = "aes-xts-plain64 :64:logon:cryptsetup:1234-d0 0 252:2 32768";
+        assert!(crypt_options_of(keyring).is_empty());
+    }
 
     #[test]
     fn ioctl_numbers_match_the_kernel_header() {

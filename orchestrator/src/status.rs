@@ -68,11 +68,28 @@ pub struct DeviceStatus {
     pub reencrypt: ReencryptStatus,
     /// Which header copies pass their checksum.
     pub header_copies_ok: Option<[bool; 2]>,
+    /// The active mapping (`mapping_name`) when it exists: its dm-crypt options as the kernel
+    /// runs them (`no_read_workqueue`, `sector_size:4096`, ...; never the key).
+    pub mapping: Option<MappingStatus>,
+    /// The data's encryption sector size (512 or 4096).
+    pub sector_size: Option<u32>,
+    /// The header's persistent activation flags (`[activation]` stores its workqueue flags
+    /// there): every activation of the volume uses them.
+    pub persistent_flags: Vec<String>,
     /// Why the TPM tokens' policies could not be checked (no TPM reachable, say).
     pub pcr_error: Option<String>,
     /// The mode of a `reseal` the journal shows interrupted (the next `cryptfs reseal`
     /// resolves it).
     pub reseal_interrupted: Option<String>,
+}
+
+/// The active dm-crypt mapping.
+#[derive(Debug, Serialize)]
+pub struct MappingStatus {
+    /// `/dev/mapper/<name>`.
+    pub name: String,
+    /// Optional parameters of its crypt targets.
+    pub crypt_options: Vec<String>,
 }
 
 /// One keyslot.
@@ -235,6 +252,18 @@ fn live_progress(
     })
 }
 
+/// The configured mapping's dm-crypt options, when it is active and device-mapper answers.
+fn mapping(config: &Config) -> Option<MappingStatus> {
+    let name = config.mapping_name.as_deref()?;
+    if !probe::mapping_active(Some(name)) {
+        return None;
+    }
+    Some(MappingStatus {
+        name: name.to_string(),
+        crypt_options: crate::dm::crypt_options(name).ok()?,
+    })
+}
+
 /// Collects the report. Writes nothing anywhere and takes no lock a runner could trip over.
 pub fn collect(config: &Config) -> crate::Result<Status> {
     let kek = kek::from_config(config)?;
@@ -245,6 +274,7 @@ pub fn collect(config: &Config) -> crate::Result<Status> {
         ..DeviceStatus::default()
     };
     device.reencrypt.status = "none".into();
+    device.mapping = mapping(config);
     let probed = probe::probe(&config.device);
 
     // A journal written for another device is not applied to this one (the next run keeps it
@@ -377,6 +407,8 @@ fn describe(device: &mut DeviceStatus, content: &Content, kek: &dyn kek::KekProt
             device.uuid = Some(meta.uuid.clone());
             device.label = Some(meta.label.clone());
             device.header_copies_ok = Some([meta.primary_ok, meta.secondary_ok]);
+            device.sector_size = meta.segment_sector_size();
+            device.persistent_flags = meta.persistent_flags();
             for (id, slot) in &meta.keyslots {
                 let token_types: Vec<String> =
                     meta.tokens_of(*id).map(|(_, t)| t.kind.clone()).collect();
@@ -458,6 +490,26 @@ pub fn render(s: &Status) -> String {
             "uuid:       {uuid}  label: {}",
             d.label.as_deref().unwrap_or("")
         );
+    }
+    if let Some(m) = &d.mapping {
+        let _ = writeln!(
+            out,
+            "mapping:    /dev/mapper/{} options: {}",
+            m.name,
+            if m.crypt_options.is_empty() {
+                "none".to_string()
+            } else {
+                m.crypt_options.join(" ")
+            }
+        );
+    }
+    if let Some(sector) = d.sector_size {
+        let flags = if d.persistent_flags.is_empty() {
+            "none".to_string()
+        } else {
+            d.persistent_flags.join(" ")
+        };
+        let _ = writeln!(out, "sectors:    {sector} bytes  persistent flags: {flags}");
     }
     for k in &d.keyslots {
         let _ = writeln!(

@@ -157,6 +157,7 @@ fn activate_inner(config: &Config) -> crate::Result<Activation> {
     // With a re-encryption in flight the mapping needs both volume keys: the token's
     // passphrase opens the old key's keyslot and the new key's, so let libcryptsetup try all.
     let in_flight = meta.reencrypt_mode().is_some();
+    let flags = &config.activation;
     // The initramfs stage of this boot may have locked already, handing the passphrase on.
     let (keyslot, passphrase) = match crate::boot_lock::stashed(config, &meta) {
         Some((slot, passphrase)) => (
@@ -165,13 +166,14 @@ fn activate_inner(config: &Config) -> crate::Result<Activation> {
                 name,
                 (!in_flight).then_some(slot),
                 &passphrase,
+                flags,
             )?,
             passphrase,
         ),
         None => {
             let unlocked =
                 token_unlock::unlock_any(kek.as_mut(), &meta, &config.device, |slot, p| {
-                    device::activate(&config.device, name, (!in_flight).then_some(slot), p)
+                    device::activate(&config.device, name, (!in_flight).then_some(slot), p, flags)
                 })
                 .map_err(|e| name_the_lock(config, e))?;
             (unlocked.keyslot, unlocked.passphrase)
@@ -225,7 +227,7 @@ pub fn with_recovery_key(
         if probe::mapping_active(Some(name)) {
             return Ok(slot);
         }
-        device::activate(&config.device, name, Some(slot), key)?;
+        device::activate(&config.device, name, Some(slot), key, &config.activation)?;
     }
     Ok(slot)
 }

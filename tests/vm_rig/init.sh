@@ -203,5 +203,8 @@ mark "userspace-exit $rc written=$n bad-reads=$bad"
 check && mark "files-ok $(wc -l <during.b3)" || mark "files-bad"
 state=$(/usr/bin/cryptfs status --config /etc/cryptfs/cryptfs.toml --json | sed -n 's/^  "state": "\(.*\)",$/\1/p')
 mark "state $state"
+# The mapping as the kernel runs it and the header's persistent flags, after the stage.
+/usr/bin/cryptfs status --config /etc/cryptfs/cryptfs.toml | sed -n 's/^\(mapping\|sectors\): */\1 /p' |
+	while read -r line; do mark "$line"; done
 mark "fs-kib $(df -k "$ROOTFS_DIR" | sed -n '2p' | tr -s ' ' | cut -d' ' -f2)"
 finish

@@ -39,6 +39,10 @@ pub const ROOT_OFFSET: u64 = BOOT_OFFSET + BOOT_SIZE;
 const SERVICE_UNIT: &str = include_str!("../../units/cryptfs.service");
 const INITRAMFS_MODULE: &str = include_str!("../../units/initramfs-framework/cryptfs");
 const INIT_SH: &str = include_str!("init.sh");
+/// The /init of the bench initramfs ([`bench_assets`]).
+const BENCH_SH: &str = include_str!("bench.sh");
+/// Row 2 of the bench, sourced by bench.sh.
+const BENCH_ONLINE_SH: &str = include_str!("bench-online.sh");
 
 /// Kernel modules the guest loads (dependencies are added from modules.dep).
 const MODULES: &[&str] = &[
@@ -57,6 +61,17 @@ const PROGRAMS: &[&str] = &[
     "/usr/bin/tpm2_pcrextend",
     // The Secure Boot tier's dbx update clears the immutable flag efivarfs sets on variables.
     "/usr/bin/chattr",
+];
+/// Programs only the bench initramfs carries ([`bench_assets`]): fio drags in about 80 MiB of
+/// libraries (Ceph, GlusterFS engines), which every other boot would load into guest RAM.
+/// nice, chrt and ionice run the online row's both sides at the unit's priority (busybox has
+/// no nice or chrt).
+const BENCH_PROGRAMS: &[&str] = &[
+    "/usr/bin/fio",
+    "/usr/sbin/cryptsetup",
+    "/usr/bin/nice",
+    "/usr/bin/chrt",
+    "/usr/bin/ionice",
 ];
 /// Modules only a firmware boot uses (the direct boot loads none of them): QEMU's fw_cfg, which
 /// carries the per-boot arguments a signed UKI's fixed command line cannot, and efivarfs.
@@ -279,10 +294,17 @@ pub fn unit_exec_start() -> String {
 }
 
 /// The guest's configuration. The SeaBIOS guest has no UEFI firmware, so no Secure Boot to
-/// require before sealing to PCR 7 (the OVMF tier checks that).
+/// require before sealing to PCR 7 (the OVMF tier checks that). The background configuration
+/// also turns on both dm-crypt workqueue flags (`[activation]`): its scenarios check that the
+/// live table and the header carry them, through power cuts and online re-encryption.
 fn guest_config(resume: &str) -> String {
+    let activation = if resume == "background" {
+        "\n[activation]\nno_read_workqueue = true\nno_write_workqueue = true\n"
+    } else {
+        ""
+    };
     format!(
-        "device = \"/dev/vda2\"\nboot_dir = \"/boot\"\nmapping_name = \"otaroot\"\n\n[kek]\n\
+        "device = \"/dev/vda2\"\nboot_dir = \"/boot\"\nmapping_name = \"otaroot\"\n{activation}\n[kek]\n\
          kind = \"tpm2\"\n\n[kek.tpm2]\ntcti = \"device:/dev/tpmrm0\"\nrequire_secure_boot = false\n\n[reencrypt]\n\
          hotzone_size = 8388608\nresume = \"{resume}\"\n"
     )
@@ -304,7 +326,15 @@ fn secure_boot_guest_config() -> String {
     )
 }
 
-fn build_initramfs(kernel_root: &Path, version: &str, out: &Path) {
+/// Which initramfs to build: the rig's (init.sh and the project's module) or the bench's
+/// (bench.sh as /init, with [`BENCH_PROGRAMS`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavour {
+    Rig,
+    Bench,
+}
+
+fn build_initramfs(kernel_root: &Path, version: &str, out: &Path, flavour: Flavour) {
     let root = out.with_extension("root");
     let _ = std::fs::remove_dir_all(&root);
     for d in [
@@ -332,7 +362,11 @@ fn build_initramfs(kernel_root: &Path, version: &str, out: &Path) {
     let busybox = root.join("usr/bin/busybox");
     std::fs::copy("/bin/busybox", &busybox).expect("busybox-static");
     add_cryptfs(&root);
-    for p in PROGRAMS {
+    let extra: &[&str] = match flavour {
+        Flavour::Rig => &[],
+        Flavour::Bench => BENCH_PROGRAMS,
+    };
+    for p in PROGRAMS.iter().chain(extra) {
         let name = Path::new(p)
             .file_name()
             .expect("name")
@@ -371,7 +405,12 @@ fn build_initramfs(kernel_root: &Path, version: &str, out: &Path) {
             .unwrap_or_default()
     };
     let mut wanted: BTreeSet<String> = BTreeSet::new();
-    for m in MODULES.iter().chain(FIRMWARE_MODULES) {
+    // The bench's `cryptsetup benchmark` reaches the kernel's cipher through AF_ALG.
+    let bench_modules: &[&str] = match flavour {
+        Flavour::Rig => &[],
+        Flavour::Bench => &["algif_skcipher"],
+    };
+    for m in MODULES.iter().chain(FIRMWARE_MODULES).chain(bench_modules) {
         let (path, needs) = deps
             .iter()
             .find(|(p, _)| stem(p) == *m)
@@ -395,9 +434,17 @@ fn build_initramfs(kernel_root: &Path, version: &str, out: &Path) {
         ],
     );
     // The boot path: /init, the initramfs-framework module, configurations.
-    let init = INIT_SH.replace("@EXECSTART@", &unit_exec_start());
+    let init = match flavour {
+        Flavour::Rig => INIT_SH.replace("@EXECSTART@", &unit_exec_start()),
+        Flavour::Bench => BENCH_SH.to_string(),
+    };
     std::fs::write(root.join("init"), init).expect("init");
     std::fs::write(root.join("init.d/85-cryptfs"), INITRAMFS_MODULE).expect("module");
+    if flavour == Flavour::Bench {
+        // The CI images' well-known passphrase (public by design), for `cryptsetup open`.
+        std::fs::write(root.join("etc/bench.pass"), common::CI_PASSPHRASE).expect("passphrase");
+        std::fs::write(root.join("bench-online.sh"), BENCH_ONLINE_SH).expect("bench-online.sh");
+    }
     for (name, resume) in [("blocking", "initramfs"), ("background", "background")] {
         std::fs::write(
             root.join(format!("etc/cryptfs/{name}.toml")),
@@ -458,29 +505,45 @@ pub fn qemu_command() -> Command {
 /// Kernel and initramfs, made once per test binary.
 pub fn assets() -> &'static Assets {
     static ASSETS: OnceLock<Assets> = OnceLock::new();
-    ASSETS.get_or_init(|| {
-        let started = Instant::now();
-        qemu_command();
-        let (kernel, kernel_root, version) = kernel();
-        // Initramfs images of earlier runs (named by process id) are stale.
-        if let Ok(entries) = std::fs::read_dir(asset_dir()) {
-            for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with("initramfs-") {
-                    let _ = std::fs::remove_file(e.path());
-                }
+    ASSETS.get_or_init(|| make_assets(Flavour::Rig))
+}
+
+/// Kernel and the bench's initramfs (tests/vm_bench.rs): bench.sh as /init, fio and the
+/// cryptsetup CLI added; made once per test binary.
+pub fn bench_assets() -> &'static Assets {
+    static ASSETS: OnceLock<Assets> = OnceLock::new();
+    ASSETS.get_or_init(|| make_assets(Flavour::Bench))
+}
+
+fn make_assets(flavour: Flavour) -> Assets {
+    let started = Instant::now();
+    qemu_command();
+    let (kernel, kernel_root, version) = kernel();
+    // Initramfs images of earlier runs (named by process id) are stale; this run's other
+    // flavour is not.
+    let ours = format!("-{}.cpio", std::process::id());
+    if let Ok(entries) = std::fs::read_dir(asset_dir()) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("initramfs-") && !name.ends_with(&ours) {
+                let _ = std::fs::remove_file(e.path());
             }
         }
-        let initrd = asset_dir().join(format!("initramfs-{}.cpio", std::process::id()));
-        build_initramfs(&kernel_root, &version, &initrd);
-        eprintln!(
-            "vm: kernel {version}, initramfs {} MiB, made in {:.1} s",
-            std::fs::metadata(&initrd)
-                .map(|m| m.len() >> 20)
-                .unwrap_or(0),
-            started.elapsed().as_secs_f64()
-        );
-        Assets { kernel, initrd }
-    })
+    }
+    let name = match flavour {
+        Flavour::Rig => "initramfs",
+        Flavour::Bench => "initramfs-bench",
+    };
+    let initrd = asset_dir().join(format!("{name}-{}.cpio", std::process::id()));
+    build_initramfs(&kernel_root, &version, &initrd, flavour);
+    eprintln!(
+        "vm: kernel {version}, initramfs {} MiB, made in {:.1} s",
+        std::fs::metadata(&initrd)
+            .map(|m| m.len() >> 20)
+            .unwrap_or(0),
+        started.elapsed().as_secs_f64()
+    );
+    Assets { kernel, initrd }
 }
 
 /// What goes on the root partition.
@@ -720,6 +783,12 @@ pub struct BootOptions {
     pub timeout: Option<Duration>,
     /// Files handed to the guest over fw_cfg (firmware boots): (name, host file).
     pub fw_cfg_files: Vec<(&'static str, PathBuf)>,
+    /// Boot the bench's initramfs ([`bench_assets`]) instead of the rig's.
+    pub bench: bool,
+    /// More virtio disks after the first (`/dev/vdb`, `/dev/vdc`, ...), raw image files.
+    pub extra_drives: Vec<PathBuf>,
+    /// Guest RAM in MiB (the bench's initramfs needs more than the rig's 512).
+    pub memory_mib: u32,
 }
 
 impl Default for BootOptions {
@@ -737,6 +806,9 @@ impl Default for BootOptions {
             extra_args: String::new(),
             timeout: None,
             fw_cfg_files: Vec::new(),
+            bench: false,
+            extra_drives: Vec::new(),
+            memory_mib: 512,
         }
     }
 }
@@ -815,7 +887,7 @@ impl Drop for KillOnDrop {
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 
 fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
-    let assets = assets();
+    let assets = if opts.bench { bench_assets() } else { assets() };
     let started = Instant::now();
     let mut swtpm = None;
     let sock = disk.tpm_state.join("swtpm-sock");
@@ -860,6 +932,7 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
         append.push(' ');
         append.push_str(&opts.extra_args);
     }
+    let memory = opts.memory_mib.to_string();
     let mut args: Vec<String> = [
         "-accel",
         "tcg",
@@ -868,7 +941,7 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
         "-smp",
         "1",
         "-m",
-        "512",
+        &memory,
         "-nographic",
         "-no-reboot",
         "-nodefaults",
@@ -896,6 +969,15 @@ fn boot(disk: &Disk, opts: &BootOptions) -> Boot {
             opts.drive.as_deref().unwrap_or(&disk.path).display()
         ),
     ]);
+    for extra in &opts.extra_drives {
+        args.extend([
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=virtio,cache=writeback",
+                extra.display()
+            ),
+        ]);
+    }
     if opts.tpm {
         args.extend([
             "-chardev".into(),

@@ -118,6 +118,34 @@ fn runs_for(mib: u64) -> usize {
         .unwrap_or(if mib <= 1024 { 5 } else { 3 })
 }
 
+/// `cargo xtask bench --vm`: the guest's rows (tests/vm_bench.rs, ignored tests so that the
+/// test command never runs them, one VM at a time so that neither slows the other), which print
+/// their tables and write `design/results/bench-vm.md` and `bench-vm-online.md`; then the online
+/// row's plot, `bench-vm-online.png`.
+pub fn run_vm() -> Result<()> {
+    sh::run(
+        "cargo",
+        &[
+            "test",
+            "--package",
+            "cryptfs",
+            "--all-features",
+            "--test",
+            "vm_bench",
+            "--",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ],
+    )?;
+    let results = std::env::current_dir()?.join("design/results");
+    crate::plot::draw(
+        &results.join("bench-vm-online.md"),
+        &results.join("bench-vm-online.png"),
+    )
+}
+
 /// Runs the benchmark: every size of `CRYPTFS_BENCH_MIB` (comma-separated, default
 /// `1024,4096`), each operation alternating the two sides over several runs on fresh images;
 /// prints the medians and writes them with every run's raw figures to

@@ -6,6 +6,7 @@
 //! | `test` | deps, then fmt check, clippy `-D warnings`, and every test (all features) |
 //! | `demo` | deps, build, then the whole path on a 256 MiB image with a software TPM |
 //! | `bench` | deps, release build, cryptfs against the cryptsetup CLI on the same images |
+//! | `bench --vm` | deps and fio, the steady-state and ceiling rows in a QEMU guest (tests/vm_bench.rs) |
 //! | `vm [filter]` | deps, then the QEMU boot scenarios (all, or those matching the filter) |
 //! | `fuzz [secs]` | seed corpus from real artefacts, then every cargo-fuzz target for `secs` (60) |
 //! | `oe-lint` | oelint-adv over every recipe, append and class of `meta-cryptfs/` (also in `test`) |
@@ -14,6 +15,7 @@
 mod bench;
 mod demo;
 mod oe;
+mod plot;
 mod qemu;
 mod sh;
 mod timing;
@@ -59,7 +61,13 @@ pub const PACKAGES: &[&str] = &[
     "gdisk",
     // The VM tier with systemd as PID 1 (tests/vm_systemd.rs): its Debian root.
     "mmdebstrap",
+    // The font of `bench --vm`'s plot (xtask/src/plot.rs, whose test the test command runs).
+    "fonts-dejavu-core",
 ];
+
+/// What only `cargo xtask bench --vm` needs: fio, run in the guest (with its ~80 MiB of
+/// libraries, which is why the test command does not install it).
+const BENCH_PACKAGES: &[&str] = &["fio"];
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();
@@ -74,7 +82,14 @@ fn main() -> Result<()> {
         }
         "bench" => {
             deps()?;
-            bench::run()
+            match std::env::args().nth(2).as_deref() {
+                None => bench::run(),
+                Some("--vm") => {
+                    apt_deps(BENCH_PACKAGES)?;
+                    bench::run_vm()
+                }
+                Some(other) => bail!("usage: cargo xtask bench [--vm] (not {other:?})"),
+            }
         }
         "vm" => {
             deps()?;
@@ -84,7 +99,7 @@ fn main() -> Result<()> {
             deps()?;
             fuzz(std::env::args().nth(2).as_deref())
         }
-        _ => bail!("usage: cargo xtask <deps|test|demo|bench|vm [filter]|fuzz [secs]|oe-crates [--check]|oe-lint>"),
+        _ => bail!("usage: cargo xtask <deps|test|demo|bench [--vm]|vm [filter]|fuzz [secs]|oe-crates [--check]|oe-lint>"),
     }
 }
 
@@ -93,13 +108,13 @@ fn main() -> Result<()> {
 /// installed and the packages apt wanted to remove are named. The real install then runs with
 /// `--no-remove` as well (apt-get aborts rather than remove).
 fn deps() -> Result<()> {
-    apt_deps()?;
+    apt_deps(PACKAGES)?;
     oe::install_oelint()
 }
 
-/// The Debian packages of [`PACKAGES`] (see [`deps`]).
-fn apt_deps() -> Result<()> {
-    let mut missing: Vec<String> = PACKAGES
+/// Installs the missing ones of `packages` (see [`deps`]).
+fn apt_deps(packages: &[&str]) -> Result<()> {
+    let mut missing: Vec<String> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -114,7 +129,7 @@ fn apt_deps() -> Result<()> {
         .map(String::from)
         .collect();
     if missing.is_empty() {
-        println!("xtask: all {} packages present", PACKAGES.len());
+        println!("xtask: all {} packages present", packages.len());
         return Ok(());
     }
     println!("xtask: installing {}", missing.join(" "));

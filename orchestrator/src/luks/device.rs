@@ -9,6 +9,7 @@ use libcryptsetup_rs::consts::vals::{CryptKdf, CryptLogLevel, EncryptionFormat};
 use libcryptsetup_rs::{CryptDevice, CryptInit, CryptPbkdfType, TokenInput};
 use zeroize::Zeroizing;
 
+use crate::config::ActivationConfig;
 use crate::secret::Passphrase;
 
 /// The KDF systemd uses for token keyslots: the secret is already 256 bits of entropy, so a
@@ -56,14 +57,33 @@ pub fn test_passphrase(
         .map_err(|e| anyhow!("no keyslot of {} opens with it ({e})", device.display()))
 }
 
+/// The two dm-crypt workqueue flags `[activation]` controls.
+const WORKQUEUE_FLAGS: CryptActivate =
+    CryptActivate::NO_READ_WORKQUEUE.union(CryptActivate::NO_WRITE_WORKQUEUE);
+
+/// The activation flags `[activation]` asks for.
+pub fn activation_flags(config: &ActivationConfig) -> CryptActivate {
+    let mut flags = CryptActivate::empty();
+    if config.no_read_workqueue {
+        flags |= CryptActivate::NO_READ_WORKQUEUE;
+    }
+    if config.no_write_workqueue {
+        flags |= CryptActivate::NO_WRITE_WORKQUEUE;
+    }
+    flags
+}
+
 /// Activates `device` as `/dev/mapper/<name>` with the passphrase of `keyslot` (any keyslot
-/// when `None`); returns the keyslot that opened. A header with a clean re-encryption in flight
-/// is activated with its reencryption segments (libcryptsetup builds the two-key table).
+/// when `None`) and `[activation]`'s flags (libcryptsetup adds the header's persistent flags);
+/// returns the
+/// keyslot that opened. A header with a clean re-encryption in flight is activated with its
+/// reencryption segments (libcryptsetup builds the two-key table).
 pub fn activate(
     device: &Path,
     name: &str,
     keyslot: Option<u32>,
     passphrase: &Passphrase,
+    flags: &ActivationConfig,
 ) -> crate::Result<u32> {
     let mut cd = open(device)?;
     cd.activate_handle()
@@ -71,9 +91,39 @@ pub fn activate(
             Some(name),
             keyslot,
             passphrase.expose(),
-            CryptActivate::empty(),
+            activation_flags(flags),
         )
         .map_err(|e| anyhow!("cannot activate {} as {name} ({e})", device.display()))
+}
+
+/// Whether the header's persistent workqueue flags are those `[activation]` asks for.
+pub fn activation_flags_persisted(device: &Path, config: &ActivationConfig) -> crate::Result<bool> {
+    let mut cd = open(device)?;
+    let current = cd
+        .luks2_flag_handle::<CryptActivate>()
+        .persistent_flags_get()
+        .with_context(|| format!("cannot read the persistent flags of {}", device.display()))?;
+    Ok(current.intersection(WORKQUEUE_FLAGS).bits() == activation_flags(config).bits())
+}
+
+/// Makes the header's persistent workqueue flags those `[activation]` asks for, keeping every
+/// other persistent flag; writes the header only when they differ. Returns whether it wrote.
+/// Idempotent; the header's two copies are written as any metadata change is (seqid).
+pub fn persist_activation_flags(device: &Path, config: &ActivationConfig) -> crate::Result<bool> {
+    let mut cd = open(device)?;
+    let mut handle = cd.luks2_flag_handle::<CryptActivate>();
+    let current = handle
+        .persistent_flags_get()
+        .with_context(|| format!("cannot read the persistent flags of {}", device.display()))?;
+    let current_bits = current.bits();
+    let wanted = current.difference(WORKQUEUE_FLAGS) | activation_flags(config);
+    if wanted.bits() == current_bits {
+        return Ok(false);
+    }
+    handle
+        .persistent_flags_set(wanted)
+        .with_context(|| format!("cannot write the persistent flags of {}", device.display()))?;
+    Ok(true)
 }
 
 /// Adds a keyslot for `new` (PBKDF2/sha512/1000), unlocking the volume key with `existing`.

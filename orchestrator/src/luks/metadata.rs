@@ -180,6 +180,25 @@ impl Luks2Metadata {
         }
     }
 
+    /// The header's persistent activation flags (`config.flags`: `no-read-workqueue`, ...), the
+    /// strings only, at most 16 of at most 64 bytes each (hostile bytes stay bounded).
+    pub fn persistent_flags(&self) -> Vec<String> {
+        self.json
+            .get("config")
+            .and_then(|c| c.get("flags"))
+            .and_then(Value::as_array)
+            .map(|flags| {
+                flags
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .filter(|f| f.len() <= 64)
+                    .take(16)
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Checks that the data segments this header describes lie on a device of `device_size`
     /// bytes (an on-disk offset past the end is hostile or belongs to another device).
     pub fn check_fits(&self, device_size: u64) -> crate::Result<()> {

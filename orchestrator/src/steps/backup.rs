@@ -327,6 +327,27 @@ pub fn run_superseding(ctx: &mut StepContext<'_>) -> crate::Result<()> {
     write_backup(ctx, true)
 }
 
+/// Stores `[activation]`'s flags in the header as persistent flags, so that the backup taken
+/// next carries them and every later activation by any LUKS2 tool uses them. Done here because
+/// no re-encryption runs any more (libcryptsetup's own header writes are over) and before the
+/// backup's device comparison, which must see the final header. Journaled around the write;
+/// a repeat finds them in place and writes nothing.
+fn persist_activation_flags(ctx: &mut StepContext<'_>) -> crate::Result<()> {
+    let device = ctx.config.device.clone();
+    if crate::luks::device::activation_flags_persisted(&device, &ctx.config.activation)? {
+        return Ok(());
+    }
+    ctx.rec.substep(STEP, "persist-activation-flags")?;
+    crate::luks::device::persist_activation_flags(&device, &ctx.config.activation)?;
+    ctx.rec.substep(STEP, "activation-flags-persisted")?;
+    tracing::info!(
+        no_read_workqueue = ctx.config.activation.no_read_workqueue,
+        no_write_workqueue = ctx.config.activation.no_write_workqueue,
+        "dm-crypt activation flags stored in the header"
+    );
+    Ok(())
+}
+
 fn write_backup(ctx: &mut StepContext<'_>, superseded: bool) -> crate::Result<()> {
     let device = ctx.config.device.clone();
     let target = ctx.config.backup_path();
@@ -336,6 +357,7 @@ fn write_backup(ctx: &mut StepContext<'_>, superseded: bool) -> crate::Result<()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| ".".into());
 
+    persist_activation_flags(ctx)?;
     // Every check before anything is written.
     let meta = probe::luks2(&device, "to back up")?;
     let area = header_area_len(&meta)?;
