@@ -201,6 +201,7 @@ fn the_boundary_lists_name_every_failpoint_in_the_source() {
         .map(|(fp, _)| fp.to_string())
         .chain(common::RECOVERY_BOUNDARIES.iter().map(|fp| fp.to_string()))
         .chain(common::IMAGE_BOUNDARIES.iter().map(|fp| fp.to_string()))
+        .chain(common::BUDGET_BOUNDARIES.iter().map(|fp| fp.to_string()))
         .chain(
             common::RESEAL_BOUNDARIES
                 .iter()

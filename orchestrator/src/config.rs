@@ -35,6 +35,9 @@
 //! policy = "when-from-image"   # or "always" / "never"
 //! resume = "initramfs"         # or "background": after a crash, the initramfs only repairs
 //!                              # and the userspace service finishes the job
+//! resilience = "checksum"      # or "journal": how a volume-key change protects its hotzone
+//! # max_recovery = "1s"        # size the hotzone from this crash-recovery budget and the
+//!                              # rate measured over the first hotzones (hotzone_size)
 //!
 //! # [activation]               # dm-crypt flags, also stored in the LUKS2 header (persistent)
 //! # no_read_workqueue = false  # decrypt reads in the completing context (no kcryptd queue)
@@ -51,6 +54,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use cryptfs_states::{ReencryptPolicy, ResumePolicy};
 use serde::Deserialize;
+
+use crate::luks::reencrypt::{Hotzone, Resilience};
 
 /// The passphrase of the reference's CI images, used when no passphrase file is configured.
 pub const DEFAULT_IMAGE_PASSPHRASE: &str = "fiopassphrase";
@@ -323,6 +328,25 @@ pub struct ReencryptConfig {
     /// Where a re-encryption interrupted by a reboot or power cut is finished.
     #[serde(default)]
     pub resume: ResumePolicy,
+    /// How a volume-key change protects its hotzone (`checksum` or `journal`).
+    #[serde(default)]
+    pub resilience: Resilience,
+    /// A budget for the recovery of the hotzone a crash interrupts (`"1s"`, `"500ms"`): when
+    /// set, the volume-key change measures its own rate over its first hotzones and sizes the
+    /// rest from it (see `reencrypt_budget`), within [`MIN_HOTZONE`]..=[`MAX_HOTZONE`];
+    /// `hotzone_size` is then the size of those first hotzones.
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub max_recovery: Option<std::time::Duration>,
+}
+
+impl ReencryptConfig {
+    /// The hotzone a run starts with.
+    pub fn hotzone(&self) -> Hotzone {
+        Hotzone {
+            bytes: self.hotzone_size,
+            resilience: self.resilience,
+        }
+    }
 }
 
 impl Default for ReencryptConfig {
@@ -331,9 +355,16 @@ impl Default for ReencryptConfig {
             hotzone_size: default_hotzone(),
             policy: ReencryptPolicy::default(),
             resume: ResumePolicy::default(),
+            resilience: Resilience::default(),
+            max_recovery: None,
         }
     }
 }
+
+/// The smallest hotzone: libcryptsetup's per-hotzone metadata writes dominate below it.
+pub const MIN_HOTZONE: u64 = 1024 * 1024;
+/// The largest hotzone a recovery budget may choose.
+pub const MAX_HOTZONE: u64 = 64 * 1024 * 1024;
 
 fn default_hotzone() -> u64 {
     8 * 1024 * 1024
@@ -468,6 +499,39 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     number
         .checked_mul(multiplier)
         .ok_or_else(|| SizeError::Overflow(text.to_string()))
+}
+
+/// A duration written as a number and a unit, `ms` or `s` (`"1s"`, `"1.5s"`, `"500ms"`).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let (number, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        return Err(format!(
+            "{text:?} is not a duration: write a number and a unit, ms or s (\"1s\", \"500ms\")"
+        ));
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: {number:?} is not a number"))?;
+    let seconds = value * scale;
+    if !seconds.is_finite() || !(0.01..=3600.0).contains(&seconds) {
+        return Err(format!(
+            "{text:?}: a duration must be between 10ms and 3600s"
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
+}
+
+fn deserialize_duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_duration(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 fn deserialize_size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
@@ -717,6 +781,37 @@ mod tests {
         toml::from_str::<Section>(&format!("[reencrypt]\nhotzone_size = {value}\n"))
             .map(|s| s.reencrypt.hotzone_size)
             .map_err(|e| e.to_string())
+    }
+
+    fn reencrypt_section(body: &str) -> Result<ReencryptConfig, String> {
+        #[derive(Deserialize)]
+        struct Section {
+            reencrypt: ReencryptConfig,
+        }
+        toml::from_str::<Section>(&format!("[reencrypt]\n{body}\n"))
+            .map(|s| s.reencrypt)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn recovery_budget_and_resilience_parse_with_clear_errors() {
+        let r = reencrypt_section("").expect("defaults");
+        assert_eq!(r.max_recovery, None);
+        assert_eq!(r.resilience, Resilience::Checksum);
+        let r =
+            reencrypt_section("max_recovery = \"1.5s\"\nresilience = \"journal\"").expect("set");
+        assert_eq!(r.max_recovery, Some(std::time::Duration::from_millis(1500)));
+        assert_eq!(r.resilience, Resilience::Journal);
+        assert_eq!(
+            parse_duration("500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        for bad in ["1", "1h", "-1s", "0s", "1e9s", "NaNs", "fast"] {
+            let err = parse_duration(bad).expect_err(bad);
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+        let err = reencrypt_section("resilience = \"none\"").expect_err("none");
+        assert!(err.contains("checksum") && err.contains("journal"), "{err}");
     }
 
     #[test]

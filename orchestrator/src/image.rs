@@ -41,6 +41,12 @@ pub const DEFAULT_KEYSLOT: u32 = 31;
 pub const DEFAULT_LABEL: &str = "otaroot";
 /// Hotzone of the build host's encryption (bounded by the 16 MiB data shift anyway).
 const HOTZONE_BYTES: u64 = 8 * 1024 * 1024;
+/// [`HOTZONE_BYTES`] as a run's parameters (an in-place encryption's protection is its data
+/// shift; the resilience mode is not read).
+const HOTZONE: reencrypt::Hotzone = reencrypt::Hotzone {
+    bytes: HOTZONE_BYTES,
+    resilience: reencrypt::Resilience::Checksum,
+};
 
 /// What to encrypt, and how.
 pub struct Request {
@@ -340,7 +346,7 @@ pub fn encrypt(req: &Request) -> crate::Result<Outcome> {
                     &work.partial(),
                     &header,
                     &req.passphrase,
-                    HOTZONE_BYTES,
+                    HOTZONE,
                     |_| None,
                 )?;
                 // The first 16 MiB now also live at the tail: durable before the header goes
@@ -438,8 +444,7 @@ fn finish(dev: &Path, req: &Request) -> crate::Result<()> {
     let kind = reencrypt::Kind::Encrypt;
     let meta = probe::luks2(dev, "to finish the encryption of")?;
     if meta.reencrypt_mode().is_some() {
-        let recovered =
-            reencrypt::recover_if_crashed(dev, kind, None, &req.passphrase, HOTZONE_BYTES)?;
+        let recovered = reencrypt::recover_if_crashed(dev, kind, None, &req.passphrase, HOTZONE)?;
         let meta = probe::luks2(dev, "after crash recovery")?;
         if meta.reencrypt_mode().is_none() {
             tracing::info!("crash recovery completed the encryption");
@@ -464,14 +469,7 @@ fn finish(dev: &Path, req: &Request) -> crate::Result<()> {
                 }
                 true
             };
-            reencrypt::resume(
-                dev,
-                kind,
-                None,
-                &req.passphrase,
-                HOTZONE_BYTES,
-                &mut progress,
-            )?;
+            reencrypt::resume(dev, kind, None, &req.passphrase, HOTZONE, &mut progress)?;
         }
     }
     failpoint::hit("image-encrypt:after-encrypt");

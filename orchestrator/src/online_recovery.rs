@@ -340,14 +340,14 @@ fn repair(
     }
     let hotzone_suspended = suspended.contains(&stack.hotzone.as_str());
     let alias = Alias::make(stack, &config.device)?;
-    let hotzone_bytes = config.reencrypt.hotzone_size;
+    let configured = config.reencrypt.hotzone();
     let mut how = "stack left between hotzones";
     if luks_reencrypt::recover_if_crashed(
         &alias.node,
         Kind::Reencrypt,
         None,
         passphrase,
-        hotzone_bytes,
+        configured,
     )? {
         how = "hotzone recovered from the resilience data";
     }
@@ -364,12 +364,22 @@ fn repair(
             // Killed before the resilience commit: do the hotzone the killed run was doing,
             // and only that one.
             let mut one = OneHotzone::new(meta.data_offset.unwrap_or(0), start);
+            // The hotzone the killed run was doing is the overlay's, whatever size a recovery
+            // budget had chosen for it.
+            let hotzone = if len > 0 && len.is_multiple_of(512) {
+                luks_reencrypt::Hotzone {
+                    bytes: len,
+                    ..configured
+                }
+            } else {
+                configured
+            };
             luks_reencrypt::resume(
                 &alias.node,
                 Kind::Reencrypt,
                 None,
                 passphrase,
-                hotzone_bytes,
+                hotzone,
                 &mut |done, _total| one.keep_going(done),
             )?;
             let after = header_of(&alias.node)?;

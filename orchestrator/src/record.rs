@@ -30,6 +30,10 @@ pub mod keys {
     pub const BACKUP_PATH: &str = "backup_path";
     /// A sub-step of a long step.
     pub const SUBSTEP: &str = "substep";
+    /// How long a crash recovery of a hotzone took, milliseconds.
+    pub const RECOVERY_MS: &str = "recovery_ms";
+    /// The hotzone size a recovery budget chose, bytes.
+    pub const HOTZONE_BYTES: &str = "hotzone_bytes";
     /// Bytes done.
     pub const DONE_BYTES: &str = "done_bytes";
     /// Bytes in total.

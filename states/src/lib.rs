@@ -10,6 +10,7 @@
 
 pub mod action;
 pub mod facts;
+pub mod hotzone;
 pub mod identity;
 pub mod machine;
 pub mod reseal;

@@ -35,6 +35,9 @@ pub const RECOVERY_BOUNDARIES: &[&str] = &[
     "enroll-recovery:after-token",
 ];
 
+/// The failpoints of the recovery budget's hotzone sizing (cut by tests/hotzone_budget.rs).
+pub const BUDGET_BOUNDARIES: &[&str] = &["reencrypt:after-hotzone-sized"];
+
 /// The failpoints of `cryptfs reseal`, each with how the next reseal resolves a crash there:
 /// before the new pair is proven it is rolled back, after it the removal is completed.
 pub const RESEAL_BOUNDARIES: &[(&str, &str)] = &[

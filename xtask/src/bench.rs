@@ -105,6 +105,53 @@ fn pair(
 }
 
 /// The two host operations of the row 1.
+/// Builds the release `cryptfs` binary and returns its path.
+pub(crate) fn release_binary() -> Result<PathBuf> {
+    sh::run(
+        "cargo",
+        &["build", "--quiet", "--release", "--package", "cryptfs"],
+    )?;
+    Ok(std::env::current_dir()?.join("target/release/cryptfs"))
+}
+
+/// A fresh work directory for one bench run, on tmpfs where there is one (the host rows time
+/// the code, not the disk).
+pub(crate) fn scratch_dir(prefix: &str) -> Result<PathBuf> {
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let work = base.join(format!("{prefix}-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    Ok(work)
+}
+
+/// Prints a bench's report and writes it to `design/results/<name>`, which the README shows.
+pub(crate) fn publish(name: &str, report: &str) -> Result<()> {
+    println!("\n{report}");
+    let out = std::env::current_dir()?.join("design/results").join(name);
+    std::fs::write(&out, report).with_context(|| format!("writing {}", out.display()))?;
+    println!("(written to {})", out.display());
+    Ok(())
+}
+
+/// The CLI's in-place encryption of a shrunk ext4 image, as both the host bench and the
+/// recovery bench's CI image run it (a cheap PBKDF: the bench times the data, not the KDF).
+pub(crate) const CLI_ENCRYPT: &[&str] = &[
+    "reencrypt",
+    "--batch-mode",
+    "--encrypt",
+    "--type",
+    "luks2",
+    "--reduce-device-size",
+    "32M",
+    "--pbkdf",
+    "pbkdf2",
+    "--pbkdf-force-iterations",
+    "1000",
+];
+
 const OPERATIONS: [&str; 2] = [
     "in-place encryption (fsck + shrink + encrypt)",
     "volume-key change (offline)",
@@ -151,12 +198,7 @@ pub fn run_vm() -> Result<()> {
 /// prints the medians and writes them with every run's raw figures to
 /// `design/results/bench-host.md`.
 pub fn run() -> Result<()> {
-    sh::run(
-        "cargo",
-        &["build", "--quiet", "--release", "--package", "cryptfs"],
-    )?;
-    let root = std::env::current_dir()?;
-    let bin = root.join("target/release/cryptfs");
+    let bin = release_binary()?;
     let sizes: Vec<u64> = std::env::var("CRYPTFS_BENCH_MIB")
         .unwrap_or_else(|_| "1024,4096".into())
         .split(',')
@@ -166,13 +208,7 @@ pub fn run() -> Result<()> {
     if sizes.iter().any(|&m| m < 128) {
         bail!("CRYPTFS_BENCH_MIB: each size must be at least 128 MiB");
     }
-    let base = if Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    let work = base.join(format!("cryptfs-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
+    let work = scratch_dir("cryptfs-bench")?;
     let result = (|| {
         let (_tpm, port) = crate::demo::start_swtpm(&work.join("tpm"))?;
         let src = work.join("src");
@@ -197,12 +233,8 @@ pub fn run() -> Result<()> {
         Ok::<_, anyhow::Error>(results)
     })();
     let _ = std::fs::remove_dir_all(&work);
-    let report = report(&result?, &base);
-    println!("\n{report}");
-    let out = root.join("design/results/bench-host.md");
-    std::fs::write(&out, &report).with_context(|| format!("writing {}", out.display()))?;
-    println!("(written to {})", out.display());
-    Ok(())
+    let base = work.parent().unwrap_or(&work);
+    publish("bench-host.md", &report(&result?, base))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -289,22 +321,8 @@ fn run_once(
     let bin_s = bin.display().to_string();
     // Two identical fresh plain images.
     let a = work.join("a.img");
-    std::fs::File::create(&a)?.set_len(mib << 20)?;
+    crate::demo::plain_root(src, &a, mib)?;
     let a_s = a.display().to_string();
-    sh::output(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-b",
-            "4096",
-            "-L",
-            "otaroot",
-            "-d",
-            &src.display().to_string(),
-            &a_s,
-        ],
-    )?;
     let b = work.join("b.img");
     copy(&a, &b)?;
 
@@ -326,22 +344,7 @@ fn run_once(
                 .set_len(mib << 20)?;
             let cli = measure(
                 "cryptsetup",
-                &[
-                    "reencrypt",
-                    "--batch-mode",
-                    "--encrypt",
-                    "--type",
-                    "luks2",
-                    "--reduce-device-size",
-                    "32M",
-                    "--pbkdf",
-                    "pbkdf2",
-                    "--pbkdf-force-iterations",
-                    "1000",
-                    "--hotzone-size",
-                    "8M",
-                    &a_s,
-                ],
+                &[CLI_ENCRYPT, &["--hotzone-size", "8M", &a_s]].concat(),
                 Some(b"benchmark-passphrase"),
             )?;
             Ok(Measure {

@@ -53,6 +53,27 @@ pub(crate) fn start_swtpm(state: &Path) -> Result<(Swtpm, u16)> {
     bail!("swtpm did not come up")
 }
 
+/// A plain ext4 root of `mib` MiB at `img` (4 KiB blocks, label `otaroot`) holding the
+/// files under `src`: the starting point of every demo and bench image.
+pub(crate) fn plain_root(src: &Path, img: &Path, mib: u64) -> Result<()> {
+    std::fs::File::create(img)?.set_len(mib << 20)?;
+    sh::output(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-L",
+            "otaroot",
+            "-d",
+            &src.display().to_string(),
+            &img.display().to_string(),
+        ],
+    )?;
+    Ok(())
+}
+
 pub(crate) fn sample_files(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir.join("etc"))?;
     std::fs::create_dir_all(dir.join("usr/share/demo"))?;
@@ -168,21 +189,7 @@ pub fn run() -> Result<()> {
     let src = work.join("rootfs");
     sample_files(&src)?;
     let image = work.join("root.img");
-    std::fs::File::create(&image)?.set_len(256 << 20)?;
-    sh::run(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-b",
-            "4096",
-            "-L",
-            "otaroot",
-            "-d",
-            &src.display().to_string(),
-            &image.display().to_string(),
-        ],
-    )?;
+    plain_root(&src, &image, 256)?;
     let cfg = work.join("cryptfs.toml");
     config(&cfg, &image, &work.join("boot"), port)?;
     cryptfs(&bin, &["status"], &cfg)?;
@@ -194,22 +201,8 @@ pub fn run() -> Result<()> {
         "\n== 2. A CI-made LUKS2 image (keyslot 31, passphrase fiopassphrase) is taken over =="
     );
     let ci = work.join("ci.img");
-    std::fs::File::create(&ci)?.set_len(256 << 20)?;
+    plain_root(&src, &ci, 256)?;
     let c = ci.display().to_string();
-    sh::run(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-b",
-            "4096",
-            "-L",
-            "otaroot",
-            "-d",
-            &src.display().to_string(),
-            &c,
-        ],
-    )?;
     sh::run("resize2fs", &[&c, "224M"])?;
     std::fs::OpenOptions::new()
         .write(true)

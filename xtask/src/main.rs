@@ -17,6 +17,7 @@ mod demo;
 mod oe;
 mod plot;
 mod qemu;
+mod recovery_bench;
 mod sh;
 mod timing;
 
@@ -88,7 +89,10 @@ fn main() -> Result<()> {
                     apt_deps(BENCH_PACKAGES)?;
                     bench::run_vm()
                 }
-                Some(other) => bail!("usage: cargo xtask bench [--vm] (not {other:?})"),
+                Some("--recovery") => recovery_bench::run(),
+                Some(other) => {
+                    bail!("usage: cargo xtask bench [--vm|--recovery] (not {other:?})")
+                }
             }
         }
         "vm" => {
@@ -99,7 +103,7 @@ fn main() -> Result<()> {
             deps()?;
             fuzz(std::env::args().nth(2).as_deref())
         }
-        _ => bail!("usage: cargo xtask <deps|test|demo|bench [--vm]|vm [filter]|fuzz [secs]|oe-crates [--check]|oe-lint>"),
+        _ => bail!("usage: cargo xtask <deps|test|demo|bench [--vm|--recovery]|vm [filter]|fuzz [secs]|oe-crates [--check]|oe-lint>"),
     }
 }
 

@@ -38,12 +38,49 @@ fn luks2_params(label: Option<&str>, sector_size: u32) -> CryptParamsLuks2 {
     }
 }
 
+/// How a volume-key change protects the hotzone in flight, so that a crash mid-hotzone can be
+/// recovered (in-place encryption always uses `datashift`: the moved data is its own copy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resilience {
+    /// Checksums of the hotzone's blocks in the keyslot area (cryptsetup's default): a hash per
+    /// block while running; a recovery reads the hotzone back and hashes it to tell which
+    /// blocks were already written.
+    #[default]
+    Checksum,
+    /// A copy of the hotzone in the keyslot area: every hotzone is written twice while running
+    /// (and limited to the free keyslot area); a recovery copies it back.
+    Journal,
+}
+
+impl Resilience {
+    /// libcryptsetup's name of the mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resilience::Checksum => "checksum",
+            Resilience::Journal => "journal",
+        }
+    }
+}
+
+/// How a re-encryption run cuts its work: the largest hotzone and, for a volume-key change, the
+/// mode that protects it. libcryptsetup reads both again on every resume, so a later run may
+/// change them (a recovery uses what the header recorded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hotzone {
+    /// Largest hotzone in bytes (a multiple of 512).
+    pub bytes: u64,
+    /// The protection of a volume-key change's hotzone.
+    pub resilience: Resilience,
+}
+
 /// Re-encryption parameters. `sector_size` matters only where a run is initialised (the new
-/// segment's sector); a resume or a recovery reads every parameter from the header.
+/// segment's sector); a resume or a recovery reads the rest from the header, except the
+/// hotzone's size and protection, which a resume may change.
 fn params(
     kind: Kind,
     flags: CryptReencrypt,
-    hotzone_bytes: u64,
+    hotzone: Hotzone,
     sector_size: u32,
 ) -> CryptParamsReencrypt {
     let (mode, direction, resilience, data_shift) = match kind {
@@ -56,7 +93,7 @@ fn params(
         Kind::Reencrypt => (
             CryptReencryptModeInfo::Reencrypt,
             CryptReencryptDirectionInfo::Forward,
-            "checksum",
+            hotzone.resilience.as_str(),
             0,
         ),
     };
@@ -66,7 +103,7 @@ fn params(
         resilience: resilience.to_string(),
         hash: "sha256".to_string(),
         data_shift,
-        max_hotzone_size: hotzone_bytes / 512,
+        max_hotzone_size: hotzone.bytes / 512,
         device_size: 0,
         luks2: Some(luks2_params(None, sector_size)),
         flags,
@@ -110,7 +147,7 @@ pub fn prepare_in_place(
     temp_header: &Path,
     header: &InPlaceHeader<'_>,
     passphrase: &Passphrase,
-    hotzone_bytes: u64,
+    hotzone: Hotzone,
     token: impl FnOnce(u32) -> Option<serde_json::Value>,
 ) -> crate::Result<u32> {
     // Key material (the keyslot area): created afresh, never through an existing file or a
@@ -175,7 +212,7 @@ pub fn prepare_in_place(
             params(
                 Kind::Encrypt,
                 CryptReencrypt::INITIALIZE_ONLY | CryptReencrypt::MOVE_FIRST_SEGMENT,
-                hotzone_bytes,
+                hotzone,
                 header.sector_size,
             ),
         )
@@ -197,7 +234,7 @@ pub fn init_volume_key_change(
     device: &Path,
     passphrase: &Passphrase,
     keyslot: u32,
-    hotzone_bytes: u64,
+    hotzone: Hotzone,
     sector_size: u32,
 ) -> crate::Result<u32> {
     let mut cd = open(device)?;
@@ -232,7 +269,7 @@ pub fn init_volume_key_change(
             params(
                 Kind::Reencrypt,
                 CryptReencrypt::INITIALIZE_ONLY,
-                hotzone_bytes,
+                hotzone,
                 sector_size,
             ),
         )
@@ -240,13 +277,19 @@ pub fn init_volume_key_change(
     Ok(new_keyslot)
 }
 
+/// Parameters for a status query: libcryptsetup reads nothing of them.
+const STATUS_ONLY: Hotzone = Hotzone {
+    bytes: 0,
+    resilience: Resilience::Checksum,
+};
+
 /// The re-encryption status libcryptsetup reports for `device`.
 pub fn status(device: &Path) -> crate::Result<CryptReencryptInfo> {
     let mut cd = open(device)?;
     Ok(cd.reencrypt_handle().status(params(
         Kind::Reencrypt,
         CryptReencrypt::empty(),
-        0,
+        STATUS_ONLY,
         SECTOR_SIZE,
     ))?)
 }
@@ -281,12 +324,15 @@ pub fn recover_if_crashed(
     kind: Kind,
     active_name: Option<&str>,
     passphrase: &Passphrase,
-    hotzone_bytes: u64,
+    hotzone: Hotzone,
 ) -> crate::Result<bool> {
     let mut cd = open(device)?;
-    let info =
-        cd.reencrypt_handle()
-            .status(params(kind, CryptReencrypt::empty(), 0, SECTOR_SIZE))?;
+    let info = cd.reencrypt_handle().status(params(
+        kind,
+        CryptReencrypt::empty(),
+        STATUS_ONLY,
+        SECTOR_SIZE,
+    ))?;
     match info {
         CryptReencryptInfo::None => bail!("{} has no re-encryption to run", device.display()),
         CryptReencryptInfo::Invalid => bail!(
@@ -303,7 +349,7 @@ pub fn recover_if_crashed(
                     None,
                     None,
                     None,
-                    params(kind, CryptReencrypt::RECOVERY, hotzone_bytes, SECTOR_SIZE),
+                    params(kind, CryptReencrypt::RECOVERY, hotzone, SECTOR_SIZE),
                 )
                 .context("re-encryption crash recovery failed")?;
             Ok(true)
@@ -319,7 +365,7 @@ pub fn resume(
     kind: Kind,
     active_name: Option<&str>,
     passphrase: &Passphrase,
-    hotzone_bytes: u64,
+    hotzone: Hotzone,
     progress: &mut ProgressFn<'_>,
 ) -> crate::Result<()> {
     let mut cd = open(device)?;
@@ -330,12 +376,7 @@ pub fn resume(
             None,
             None,
             None,
-            params(
-                kind,
-                CryptReencrypt::RESUME_ONLY,
-                hotzone_bytes,
-                SECTOR_SIZE,
-            ),
+            params(kind, CryptReencrypt::RESUME_ONLY, hotzone, SECTOR_SIZE),
         )
         .context("cannot load the re-encryption context")?;
     // The trampoline only sees a thin pointer, so the (fat) callback travels inside a Sink.

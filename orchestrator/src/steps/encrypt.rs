@@ -334,7 +334,7 @@ fn start(ctx: &mut StepContext<'_>, fs: &Ext4Facts, size_bytes: u64) -> crate::R
             sector_size,
         },
         &passphrase,
-        ctx.config.reencrypt.hotzone_size,
+        ctx.config.reencrypt.hotzone(),
         |slot| Some(sealed.token(token_type, slot)),
     )?;
     // The first 16 MiB of plaintext now also lives at the tail. Make that copy durable before

@@ -8,6 +8,7 @@ use cryptfs_states::{Stage, Step, VolumeKeyOrigin};
 use serde_json::Value;
 
 use super::StepContext;
+use crate::config;
 use crate::failpoint;
 use crate::kek::SealedKek;
 use crate::luks::metadata::Luks2Metadata;
@@ -114,7 +115,7 @@ pub fn init(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()
         &ctx.config.device,
         &passphrase,
         keyslot,
-        ctx.config.reencrypt.hotzone_size,
+        ctx.config.reencrypt.hotzone(),
         sector_size,
     )?;
     failpoint::hit("init-reencrypt:after-init");
@@ -203,12 +204,12 @@ pub fn recover(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result
         .intent(Step::RecoverReencrypt, ctx.state, Journal::details([]))?;
     if !finalize_if_all_data_final(ctx, Step::Reencrypt)? {
         let (_, passphrase) = super::unlock_with_token(ctx, meta)?;
-        luks_reencrypt::recover_if_crashed(
-            &dev,
+        recover_hotzone(
+            ctx,
+            Step::Reencrypt,
             luks_reencrypt::Kind::Reencrypt,
             None,
             &passphrase,
-            ctx.config.reencrypt.hotzone_size,
         )?;
         // Recovering the last hotzone can leave every byte on the final key.
         finalize_if_all_data_final(ctx, Step::Reencrypt)?;
@@ -305,8 +306,70 @@ fn mark_reencrypted(ctx: &mut StepContext<'_>) -> crate::Result<()> {
     }
 }
 
+/// Runs libcryptsetup's crash recovery of the hotzone in flight, if the header says there is
+/// one, and journals how long it took (the figure `[reencrypt] max_recovery` bounds).
+fn recover_hotzone(
+    ctx: &mut StepContext<'_>,
+    step: Step,
+    kind: luks_reencrypt::Kind,
+    active: Option<&str>,
+    passphrase: &Passphrase,
+) -> crate::Result<bool> {
+    let dev = ctx.config.device.clone();
+    let started = std::time::Instant::now();
+    let hotzone = run_hotzone(ctx, kind);
+    let recovered = luks_reencrypt::recover_if_crashed(&dev, kind, active, passphrase, hotzone)?;
+    if recovered {
+        let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        tracing::info!(%step, recovery_ms = millis, "hotzone recovered after a crash");
+        ctx.rec.substep_named(
+            step.name(),
+            "hotzone-recovered",
+            Journal::details([(keys::RECOVERY_MS, Value::from(millis))]),
+        )?;
+    }
+    Ok(recovered)
+}
+
+/// The hotzone this run of `kind` uses: the configured one, or for a volume-key change the
+/// size a recovery budget chose earlier in the same run (journaled as `hotzone-sized`).
+fn run_hotzone(ctx: &StepContext<'_>, kind: luks_reencrypt::Kind) -> luks_reencrypt::Hotzone {
+    let mut hotzone = ctx.config.reencrypt.hotzone();
+    if kind == luks_reencrypt::Kind::Reencrypt && ctx.config.reencrypt.max_recovery.is_some() {
+        if let Some(bytes) = record::pending(ctx.rec.journal(), Step::Reencrypt)
+            .into_iter()
+            .flatten()
+            .rev()
+            .filter(|r| r.body.detail_str(keys::SUBSTEP) == Some("hotzone-sized"))
+            .find_map(|r| r.body.details.get(keys::HOTZONE_BYTES)?.as_u64())
+            .filter(|b| *b >= config::MIN_HOTZONE && b.is_multiple_of(512))
+        {
+            hotzone.bytes = bytes.min(config::MAX_HOTZONE);
+        }
+    }
+    hotzone
+}
+
+/// How many times a hotzone's share of the run its crash recovery takes, per mille, by
+/// resilience mode: measured by `cargo xtask bench --recovery` (design/results/
+/// bench-recovery.md), rounded up.
+fn recovery_cost_permille(resilience: luks_reencrypt::Resilience) -> u64 {
+    match resilience {
+        luks_reencrypt::Resilience::Checksum => RECOVERY_COST_CHECKSUM_PERMILLE,
+        luks_reencrypt::Resilience::Journal => RECOVERY_COST_JOURNAL_PERMILLE,
+    }
+}
+
+/// See [`recovery_cost_permille`].
+const RECOVERY_COST_CHECKSUM_PERMILLE: u64 = 4000;
+/// See [`recovery_cost_permille`].
+const RECOVERY_COST_JOURNAL_PERMILLE: u64 = 2000;
+
 /// Drives a re-encryption (either kind) to its end, every progress update through
-/// [`crate::progress::Progress`]. Stops cleanly between hotzones when asked to.
+/// [`crate::progress::Progress`]. Stops cleanly between hotzones when asked to. With a
+/// recovery budget (`[reencrypt] max_recovery`), a volume-key change measures its rate over
+/// its first hotzones and, when the budget calls for another size, stops between hotzones,
+/// journals the new size and resumes with it (once per run).
 pub fn drive(
     ctx: &mut StepContext<'_>,
     kind: luks_reencrypt::Kind,
@@ -318,8 +381,7 @@ pub fn drive(
         luks_reencrypt::Kind::Reencrypt => Step::Reencrypt,
     };
     let dev = ctx.config.device.clone();
-    let hotzone = ctx.config.reencrypt.hotzone_size;
-    if luks_reencrypt::recover_if_crashed(&dev, kind, active, passphrase, hotzone)? {
+    if recover_hotzone(ctx, step, kind, active, passphrase)? {
         // Recovery of the last hotzone can finish the whole job, or leave all data under the
         // final key with the metadata unfinished: in neither case may a resume follow.
         let finished = crate::probe::luks2(&dev, "after crash recovery")?
@@ -333,23 +395,81 @@ pub fn drive(
     if finalize_if_all_data_final(ctx, step)? {
         return Ok(());
     }
-    let stop = ctx.stop.clone();
-    let rec = &mut *ctx.rec;
-    let mut journal_error = None;
+    let mut hotzone = run_hotzone(ctx, kind);
+    // A size chosen earlier in this run is kept: one measurement per run.
+    let mut budget = (kind == luks_reencrypt::Kind::Reencrypt
+        && hotzone.bytes == ctx.config.reencrypt.hotzone_size)
+        .then_some(ctx.config.reencrypt.max_recovery)
+        .flatten()
+        .map(|max| cryptfs_states::hotzone::Budget {
+            budget_micros: u64::try_from(max.as_micros()).unwrap_or(u64::MAX),
+            recovery_cost_permille: recovery_cost_permille(hotzone.resilience),
+            min_bytes: config::MIN_HOTZONE,
+            max_bytes: config::MAX_HOTZONE,
+        });
     let mut progress = crate::progress::Progress::new(step);
-    let mut report = |done: u64, total: u64| -> bool {
-        if let Err(e) = progress.update(rec, done, total) {
-            journal_error = Some(e);
-            return false;
+    loop {
+        let stop = ctx.stop.clone();
+        let rec = &mut *ctx.rec;
+        let mut journal_error = None;
+        let mut resize = None;
+        // The rate is measured from the first report on: the first hotzone also paid for the
+        // keyslot unlock.
+        let mut first_report: Option<(std::time::Instant, u64)> = None;
+        let current = hotzone.bytes;
+        let mut report = |done: u64, total: u64| -> bool {
+            if let Err(e) = progress.update(rec, done, total) {
+                journal_error = Some(e);
+                return false;
+            }
+            if done > 0 && done < total {
+                failpoint::hit(&format!("{step}:mid"));
+            }
+            if let (Some(b), true) = (&budget, done < total) {
+                let (since, from) = *first_report.get_or_insert((std::time::Instant::now(), done));
+                let micros = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let bytes = done.saturating_sub(from);
+                match cryptfs_states::hotzone::size_for_budget(b, current, bytes, micros) {
+                    cryptfs_states::hotzone::Sizing::Measuring => {}
+                    cryptfs_states::hotzone::Sizing::Keep => budget = None,
+                    cryptfs_states::hotzone::Sizing::Resize(to) => {
+                        resize = Some((to, bytes, micros));
+                        return false;
+                    }
+                }
+            }
+            !stop.load(Ordering::SeqCst)
+        };
+        luks_reencrypt::resume(&dev, kind, active, passphrase, hotzone, &mut report)?;
+        if let Some(e) = journal_error {
+            return Err(e.context("could not journal progress; stopped between hotzones"));
         }
-        if done > 0 && done < total {
-            failpoint::hit(&format!("{step}:mid"));
+        let Some((to, bytes, micros)) = resize else {
+            break;
+        };
+        let mib_s = bytes as f64 / 1_048_576.0 / (micros.max(1) as f64 / 1e6);
+        tracing::info!(
+            %step,
+            from = hotzone.bytes,
+            to,
+            measured_mib_s = mib_s,
+            "hotzone sized from the recovery budget"
+        );
+        ctx.rec.substep_named(
+            step.name(),
+            "hotzone-sized",
+            Journal::details([
+                (keys::HOTZONE_BYTES, Value::from(to)),
+                ("measured_bytes", Value::from(bytes)),
+                ("measured_ms", Value::from(micros / 1000)),
+            ]),
+        )?;
+        failpoint::hit("reencrypt:after-hotzone-sized");
+        hotzone.bytes = to;
+        budget = None;
+        if ctx.stop.load(Ordering::SeqCst) {
+            break;
         }
-        !stop.load(Ordering::SeqCst)
-    };
-    luks_reencrypt::resume(&dev, kind, active, passphrase, hotzone, &mut report)?;
-    if let Some(e) = journal_error {
-        return Err(e.context("could not journal progress; stopped between hotzones"));
     }
     let meta = crate::probe::luks2(&dev, "during re-encryption")?;
     if meta.reencrypt_mode().is_some() {
