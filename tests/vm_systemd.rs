@@ -351,11 +351,33 @@ fn vm_systemd_sigkill_mid_hotzone_recovers() {
         killed.contains("caught-suspended=1") && killed.contains("-hotzone-forward=1"),
         "the kill did not land while the hotzone device was suspended: {killed}\n{console}"
     );
+    // Bursts of sysfs polls the driver needed to catch a suspended mapping (each at most
+    // 20 s of uptime; see `kill-at` in systemd-driver.sh).
+    let poll_bursts = boot
+        .lines
+        .iter()
+        .filter(|l| l.contains("CRYPTFS-VM: kill-poll burst="))
+        .count();
+    assert!(
+        poll_bursts >= 1,
+        "the driver never polled for a suspended mapping\n{console}"
+    );
     let window = window_reads(&boot);
     assert!(
         window.window_snapshots >= 1,
         "no read of the regions around the hotzone between its resume and the overlay's removal \
          (the window check exercised nothing): {window:?}\n{console}"
+    );
+    // recover-online held the window open until the window check had read in it (the rig's
+    // CRYPTFS_HOLD_AT), rather than giving up after its 30 s.
+    let hold = boot
+        .lines
+        .iter()
+        .find(|l| l.contains("test hold ended") && l.contains("recover-online:window"))
+        .unwrap_or_else(|| panic!("recover-online never reached its window hold\n{console}"));
+    assert!(
+        hold.contains("released=true"),
+        "the window check never released recover-online's hold: {hold}\n{console}"
     );
     assert_eq!(
         window.served_wrong, 0,
@@ -428,6 +450,11 @@ fn vm_systemd_sigkill_mid_hotzone_recovers() {
         format!("{recovery_s:.1}"),
     );
     figure(s, "restarts of cryptfs.service", restarts);
+    figure(
+        s,
+        "bursts of suspended-flag polls (at most 20 s each) until one caught a suspend",
+        poll_bursts,
+    );
     figure(s, "scenario wall time (s)", started.elapsed().as_secs());
 }
 

@@ -20,6 +20,7 @@ pub mod notify;
 pub mod online_recovery;
 pub mod partition;
 pub mod plaintext;
+pub mod priority;
 pub mod probe;
 pub mod progress;
 pub mod record;

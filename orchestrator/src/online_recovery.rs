@@ -104,6 +104,10 @@ pub fn run(config: &Config) -> crate::Result<Outcome> {
         "the online re-encryption stack is left over (its process died), suspended: {suspended:?}; \
          repairing"
     );
+    // The unit's idle CPU and I/O classes are inherited by ExecStopPost=, but a frozen
+    // hotzone stalls every I/O to that region of the root: the repair must not wait for the
+    // workload to pause.
+    crate::priority::leave_idle_class();
     let meta = crate::probe::luks2(&config.device, "for online recovery")?;
     let (_, passphrase) = crate::boot_lock::stashed(config, &meta).ok_or_else(|| {
         anyhow!(
@@ -285,7 +289,11 @@ impl Alias {
     fn make(stack: &Stack, device: &Path) -> crate::Result<Alias> {
         let (raw, sectors) = raw_device(device)?;
         let name = format!("{}-recovery", stack.name);
-        // A stale alias of an earlier failed attempt holds nothing: replace it.
+        // A stale alias of an earlier attempt that died holds nothing: replace it. An attempt
+        // killed inside `restore_top` also left its scratch device open on the alias, which
+        // then refuses removal (EBUSY) and every later attempt failed on it (found by the VM
+        // tier: a recovery starved past TimeoutStopSec): the scratch goes first.
+        let _ = dm::remove(&scratch_name(stack));
         let _ = dm::remove(&name);
         let info = dm::create_linear(&name, &raw, sectors)?;
         std::fs::create_dir_all(RUN_DIR)?;
@@ -416,9 +424,17 @@ fn repair(
             dm::resume(dev)?;
         }
     }
+    // The overlay's table still serves the regions around the hotzone until `restore_top`
+    // swaps it: the VM tier reads them here.
+    crate::failpoint::hold("recover-online:window");
     restore_top(stack, &alias, passphrase)?;
     drop(alias);
     Ok(how)
+}
+
+/// The private scratch device `restore_top` activates from the alias.
+fn scratch_name(stack: &Stack) -> String {
+    format!("{}-restore", stack.name)
 }
 
 /// Gives `<name>` the table libcryptsetup builds from the header (as its own teardown does),
@@ -426,7 +442,7 @@ fn repair(
 /// device from the alias (libcryptsetup puts the keys in this thread's keyring), and copied
 /// with the alias replaced by the raw device.
 fn restore_top(stack: &Stack, alias: &Alias, passphrase: &Passphrase) -> crate::Result<()> {
-    let scratch = format!("{}-restore", stack.name);
+    let scratch = scratch_name(stack);
     let _ = dm::remove(&scratch);
     let alias_dev = dm::info(&alias.name)?.major_minor();
     let raw_dev = {

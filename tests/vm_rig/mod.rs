@@ -1551,7 +1551,11 @@ pub fn systemd_root(root: &Path) {
     write(
         "etc/systemd/system/cryptfs.service.d/90-vm-test.conf",
         "# VM tier only: restart after a kill within the test's budget (shipped: 2min).\n\
-         [Service]\nRestartSec=2s\n",
+         [Service]\nRestartSec=2s\n\
+         # recover-online waits in the window after the hotzone's resume until the driver's\n\
+         # window check has read the regions around it there (failpoint::hold).\n\
+         Environment=CRYPTFS_HOLD_AT=recover-online:window\n\
+         Environment=CRYPTFS_HOLD_UNTIL=/run/cryptfs-vm-window-read\n",
         0o644,
     );
     write("usr/local/sbin/cryptfs-vm-driver", SYSTEMD_DRIVER, 0o755);

@@ -130,6 +130,9 @@ window_check() {
 	while [ -n "$(dm_flag otaroot-overlay)" ]; do
 		if [ "$(dm_flag otaroot-hotzone-forward)" = 0 ]; then
 			snap window
+			# recover-online holds the window open until this read is done
+			# (CRYPTFS_HOLD_AT in the rig's drop-in).
+			: >/run/cryptfs-vm-window-read
 		else
 			snap during
 			# Up to 0.5 s, but no longer than until the hotzone device is resumed: the
@@ -182,22 +185,36 @@ while :; do
 			exec sleep 600
 			;;
 		kill-at)
-			done_action=1
 			pid=$(show MainPID)
-			# Kill while a mapping is suspended, if that can be caught within about 20 s
-			# of polling (libcryptsetup suspends and resumes the stack around hotzone
-			# switches). The polls sleep in between: cryptfs runs at idle priority and
-			# only gets the CPU while the driver waits.
+			# Kill while a mapping is suspended (libcryptsetup suspends and resumes the
+			# stack around hotzone switches), polled for at most 20 s of uptime. The polls
+			# sleep in between: cryptfs runs at idle priority and only gets the CPU while
+			# the driver waits. On a slow host a poll (a fork and exec of sleep under
+			# TCG) can cost more than its sleep, so a burst can starve cryptfs between
+			# two hotzones: a burst that catches nothing goes back to the workload's
+			# rounds (cryptfs progresses in their sleeps) and the next round polls again,
+			# up to 10 bursts.
 			caught=0
-			i=0
-			while [ "$i" -lt 400 ]; do
+			read -r u0 _ </proc/uptime
+			u0=${u0%.*}
+			polls=0
+			while :; do
 				if any_suspended; then
 					caught=1
 					break
 				fi
+				read -r u _ </proc/uptime
+				[ $((${u%.*} - u0)) -ge 20 ] && break
 				sleep 0.05
-				i=$((i + 1))
+				polls=$((polls + 1))
 			done
+			bursts=$((${bursts:-0} + 1))
+			mark "kill-poll burst=$bursts polls=$polls caught-suspended=$caught at $pct%"
+			if [ "$caught" = 0 ] && [ "$bursts" -lt 10 ]; then
+				sleep 2
+				continue
+			fi
+			done_action=1
 			# The killed run's hotzone (MiB of the data area), from the overlay's table.
 			# (Shell builtins and the tmpfs tools only: a tool read from the root now could
 			# wait on the suspended region and let the kill miss it.)
@@ -209,6 +226,7 @@ while :; do
 			done <<-EOF
 				$(tool dmsetup table otaroot-overlay)
 			EOF
+			rm -f /run/cryptfs-vm-window-read
 			kill -KILL "$pid"
 			kills=$((kills + 1))
 			rm -f /run/window-check-done
