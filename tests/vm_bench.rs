@@ -1,5 +1,7 @@
-//! `cargo xtask bench --vm`: issue 12's rows 5 and 6 in a QEMU guest. A benchmark, not a check:
-//! it prints figures and writes `design/results/bench-vm.md`; nothing here asserts a speed.
+//! `cargo xtask bench --vm`: issue 12's rows 2, 3, 5 and 6 in a QEMU guest (row 2: online
+//! re-encryption, bench-online.sh; row 3: first boot and later boot, bench-boot.sh). A
+//! benchmark, not a check: it prints figures and writes `design/results/bench-vm*.md`; nothing
+//! here asserts a speed (row 3 asserts that every run happened and cryptfs's states).
 //!
 //! - Row 5, the steady state after provisioning: fio (direct I/O: sequential 1 MiB read and
 //!   write at queue depth 4, random 4 KiB read and write at queue depth 16) through the dm-crypt
@@ -511,4 +513,166 @@ fn vm_bench_online_reencryption_against_the_reference() {
     }
     println!("{out}");
     common::write_result("bench-vm-online.md", &out);
+}
+
+/// Size of each of row 3's disks.
+const BOOT_DISK_MIB: u64 = 128;
+
+/// A later boot's ways, in the order of the table: (marker name, what it is).
+const LATER_WAYS: &[(&str, &str)] = &[
+    (
+        "plain",
+        "plain unlock: `cryptsetup open --token-only` + mount, cryptfs's disk",
+    ),
+    (
+        "reference",
+        "the same on the reference's disk (its token from systemd-cryptenroll)",
+    ),
+    (
+        "cryptfs",
+        "cryptfs: `run --stage initramfs` + `unlock` + mount",
+    ),
+];
+
+#[test]
+#[ignore = "a benchmark, not a check: `cargo xtask bench --vm` runs it"]
+fn vm_bench_first_boot_and_later_boot() {
+    let rounds = env_or("CRYPTFS_BENCH_BOOT_ROUNDS", 3).clamp(1, 3);
+    let later_reps = env_or("CRYPTFS_BENCH_LATER_REPS", 3).clamp(1, 10);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    common::sample_tree(&src, 14);
+    // One image of each kind, a fresh copy for every run of either side.
+    let plain = dir.path().join("plain.img");
+    common::make_ext4(&plain, BOOT_DISK_MIB, &src);
+    let ci = dir.path().join("ci.img");
+    common::make_ci_image(&ci, BOOT_DISK_MIB, &src, common::CI_PASSPHRASE);
+    // Per round, in bench-boot.sh's order: plain for the reference, plain for cryptfs, CI
+    // image for the reference, CI image for cryptfs.
+    let copies: Vec<std::path::PathBuf> = (0..rounds)
+        .flat_map(|r| [(r, 0, &plain), (r, 1, &plain), (r, 2, &ci), (r, 3, &ci)])
+        .map(|(r, i, from)| {
+            let copy = dir.path().join(format!("copy-{r}-{i}.img"));
+            std::fs::copy(from, &copy).expect("copy");
+            copy
+        })
+        .collect();
+    let mut disk = Disk::new(RootImage::Plain, 64);
+    let boot = disk.boot(&BootOptions {
+        tpm: true,
+        bench: true,
+        memory_mib: 1024,
+        extra_drives: copies.clone(),
+        extra_args: format!(
+            "cryptfs.bench.mode=boot cryptfs.bench.rounds={rounds} \
+             cryptfs.bench.later_reps={later_reps} cryptfs.bench.last_disk=vd{}",
+            char::from(b'a' + copies.len() as u8)
+        ),
+        timeout: Some(Duration::from_secs(240 + u64::from(rounds) * 900)),
+        ..Default::default()
+    });
+    let markers = checked_markers(&boot);
+
+    // (tool, path) -> seconds per round; way -> seconds per (round, rep).
+    let mut first: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    let mut later: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut states: Vec<(String, String)> = Vec::new();
+    let secs = |f: &BTreeMap<&str, &str>| -> f64 {
+        let t = |k: &str| f.get(k).and_then(|v| v.parse::<f64>().ok());
+        match (t("t0"), t("t1")) {
+            (Some(t0), Some(t1)) => t1 - t0,
+            _ => panic!("no t0/t1 in {f:?}"),
+        }
+    };
+    for m in &markers {
+        if let Some(rest) = m.strip_prefix("first-boot ") {
+            let f = fields(rest);
+            first
+                .entry((f["tool"].to_string(), f["path"].to_string()))
+                .or_default()
+                .push(secs(&f));
+        } else if let Some(rest) = m.strip_prefix("later-boot ") {
+            let f = fields(rest);
+            later
+                .entry(f["way"].to_string())
+                .or_default()
+                .push(secs(&f));
+        } else if let Some(rest) = m.strip_prefix("state ") {
+            let f = fields(rest);
+            states.push((f["path"].to_string(), f["state"].to_string()));
+        }
+    }
+    // Every run happened, and cryptfs ended each first boot where its design says.
+    for tool in ["reference", "cryptfs"] {
+        for path in ["plain", "ci"] {
+            let n = first
+                .get(&(tool.to_string(), path.to_string()))
+                .map_or(0, Vec::len);
+            assert_eq!(n, rounds as usize, "{tool} {path} first boots: {first:?}");
+        }
+    }
+    for (way, _) in LATER_WAYS {
+        let n = later.get(*way).map_or(0, Vec::len);
+        assert_eq!(n, (rounds * later_reps) as usize, "{way} later boots");
+    }
+    for (path, state) in &states {
+        let want = match path.as_str() {
+            "plain" => "complete",
+            "ci" => "reencrypting",
+            _ => "header-backed-up",
+        };
+        assert_eq!(state, want, "cryptfs's state after the {path} run");
+    }
+    assert_eq!(states.len(), 3 * rounds as usize, "states: {states:?}");
+
+    let med = |v: &[f64]| median(v.to_vec());
+    let mut out = format!(
+        "# `cargo xtask bench --vm`: first boot and later boot (issue 12, row 3)\n\n\
+         Written by `tests/vm_bench.rs` on its last run: QEMU TCG, 1 vCPU, a swtpm, {BOOT_DISK_MIB} \
+         MiB disks (a plain ext4 image and the reference's CI image, a fresh copy per run). What \
+         the initramfs runs, timed from its first command to the root mounted (the kernel's boot, \
+         the same for both, is not in it); tests/vm_rig/bench-boot.sh says what each side runs. \
+         The reference's CI path leaves out its `cryptsetup reencrypt --init-only`: the stock \
+         CLI cannot unlock a keyslot with a token, and it would only add to the reference's time. \
+         {rounds} rounds, the side that runs first alternating; medians.\n\n\
+         ## First boot to root mounted\n\n\
+         | path | reference (s) | cryptfs (s) | speed-up (reference / cryptfs) |\n|---|---|---|---|\n"
+    );
+    for (path, label) in [
+        ("plain", "plain ext4: shrink, in-place encryption, enroll"),
+        ("ci", "CI image: enroll (cryptfs also marks the key change)"),
+    ] {
+        let r = med(&first[&("reference".to_string(), path.to_string())]);
+        let c = med(&first[&("cryptfs".to_string(), path.to_string())]);
+        out.push_str(&format!(
+            "| {label} | {r:.2} | {c:.2} | **{:.2}** |\n",
+            r / c
+        ));
+    }
+    let floor = med(&later["plain"]);
+    out.push_str(&format!(
+        "\n## A later boot (cryptfs's plain-path disk, state header-backed-up)\n\n\
+         {rounds} rounds × {later_reps} repetitions, the three ways in turn.\n\n\
+         | way | median (s) | over the plain unlock (s) |\n|---|---|---|\n"
+    ));
+    for (way, label) in LATER_WAYS {
+        let m = med(&later[*way]);
+        out.push_str(&format!("| {label} | {m:.2} | {:+.2} |\n", m - floor));
+    }
+    out.push_str("\n## Every run\n\n| run | round/rep | s |\n|---|---|---|\n");
+    for ((tool, path), v) in &first {
+        for (i, s) in v.iter().enumerate() {
+            out.push_str(&format!(
+                "| first boot, {tool}, {path} | {} | {s:.2} |\n",
+                i + 1
+            ));
+        }
+    }
+    for (way, v) in &later {
+        for (i, s) in v.iter().enumerate() {
+            out.push_str(&format!("| later boot, {way} | {} | {s:.2} |\n", i + 1));
+        }
+    }
+    println!("{out}");
+    common::write_result("bench-vm-boot.md", &out);
 }

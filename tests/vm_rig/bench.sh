@@ -1,6 +1,7 @@
 #!/bin/sh
 # /init of the VM bench (tests/vm_bench.rs, `cargo xtask bench --vm`): rows 5 and 6 of issue 12
-# (cryptfs.bench.mode=online: row 2, in bench-online.sh).
+# (cryptfs.bench.mode=online: row 2, in bench-online.sh; cryptfs.bench.mode=boot: row 3, in
+# bench-boot.sh).
 # Disks: vdb holds the reference's layout (its CI image: `cryptsetup reencrypt --encrypt`,
 # 512-byte sectors), vdc cryptfs's 4096-byte layout (`cryptfs image encrypt --sector-size
 # auto`), vdd a blank disk for the raw rate. Both images open with the CI passphrase in
@@ -42,6 +43,10 @@ runtime=$(arg cryptfs.bench.runtime)
 mark "guest cpus=$(grep -c ^processor /proc/cpuinfo) aesni=$(grep -c -w aes /proc/cpuinfo) mem-kib=$(sed -n 's/^MemTotal: *\([0-9]*\).*/\1/p' /proc/meminfo)"
 [ "$(arg cryptfs.bench.mode)" = online ] && {
 	. /bench-online.sh
+	finish
+}
+[ "$(arg cryptfs.bench.mode)" = boot ] && {
+	. /bench-boot.sh
 	finish
 }
 

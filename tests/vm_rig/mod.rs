@@ -43,6 +43,8 @@ const INIT_SH: &str = include_str!("init.sh");
 const BENCH_SH: &str = include_str!("bench.sh");
 /// Row 2 of the bench, sourced by bench.sh.
 const BENCH_ONLINE_SH: &str = include_str!("bench-online.sh");
+/// Row 3 of the bench, sourced by bench.sh.
+const BENCH_BOOT_SH: &str = include_str!("bench-boot.sh");
 
 /// Kernel modules the guest loads (dependencies are added from modules.dep).
 const MODULES: &[&str] = &[
@@ -72,6 +74,15 @@ const BENCH_PROGRAMS: &[&str] = &[
     "/usr/bin/nice",
     "/usr/bin/chrt",
     "/usr/bin/ionice",
+    // Row 3's reference enrolls its TPM2 token with systemd 252's tool and opens with its
+    // libcryptsetup plugin (BENCH_DLOPENED).
+    "/usr/bin/systemd-cryptenroll",
+];
+/// Libraries only the bench loads with dlopen: systemd's TPM2 token plugin for the cryptsetup
+/// CLI, and the TSS library systemd's TPM2 code opens besides the ones cryptfs links.
+const BENCH_DLOPENED: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/cryptsetup/libcryptsetup-token-systemd-tpm2.so",
+    "/usr/lib/x86_64-linux-gnu/libtss2-rc.so.0",
 ];
 /// Modules only a firmware boot uses (the direct boot loads none of them): QEMU's fw_cfg, which
 /// carries the per-boot arguments a signed UKI's fixed command line cannot, and efivarfs.
@@ -444,6 +455,15 @@ fn build_initramfs(kernel_root: &Path, version: &str, out: &Path, flavour: Flavo
         // The CI images' well-known passphrase (public by design), for `cryptsetup open`.
         std::fs::write(root.join("etc/bench.pass"), common::CI_PASSPHRASE).expect("passphrase");
         std::fs::write(root.join("bench-online.sh"), BENCH_ONLINE_SH).expect("bench-online.sh");
+        std::fs::write(root.join("bench-boot.sh"), BENCH_BOOT_SH).expect("bench-boot.sh");
+        for lib in BENCH_DLOPENED {
+            let host = Path::new(lib);
+            assert!(host.exists(), "{lib} not installed (package systemd)");
+            copy_into(&root, host);
+            for dep in libraries(host) {
+                copy_into(&root, &dep);
+            }
+        }
     }
     for (name, resume) in [("blocking", "initramfs"), ("background", "background")] {
         std::fs::write(

@@ -167,7 +167,8 @@ fn runs_for(mib: u64) -> usize {
 
 /// `cargo xtask bench --vm`: the guest's rows (tests/vm_bench.rs, ignored tests so that the
 /// test command never runs them, one VM at a time so that neither slows the other), which print
-/// their tables and write `design/results/bench-vm.md` and `bench-vm-online.md`; then the online
+/// their tables and write `design/results/bench-vm.md`, `bench-vm-online.md` and
+/// `bench-vm-boot.md`; then the online
 /// row's plot, `bench-vm-online.png`.
 pub fn run_vm() -> Result<()> {
     sh::run(

@@ -126,14 +126,20 @@ pub fn persist_activation_flags(device: &Path, config: &ActivationConfig) -> cra
     Ok(true)
 }
 
-/// Adds a keyslot for `new` (PBKDF2/sha512/1000), unlocking the volume key with `existing`.
-///
-/// Not idempotent by itself: callers first look for a keyslot `new` already opens.
-pub fn add_keyslot(device: &Path, existing: &Passphrase, new: &Passphrase) -> crate::Result<u32> {
+/// `device` opened with [`token_pbkdf`] selected for the keyslots it adds next.
+fn open_for_new_keyslot(device: &Path) -> crate::Result<CryptDevice> {
     let mut cd = open(device)?;
     cd.settings_handle()
         .set_pbkdf_type(&token_pbkdf())
         .context("cannot select PBKDF2 for the new keyslot")?;
+    Ok(cd)
+}
+
+/// Adds a keyslot for `new` (PBKDF2/sha512/1000), unlocking the volume key with `existing`.
+///
+/// Not idempotent by itself: callers first look for a keyslot `new` already opens.
+pub fn add_keyslot(device: &Path, existing: &Passphrase, new: &Passphrase) -> crate::Result<u32> {
+    let mut cd = open_for_new_keyslot(device)?;
     cd.keyslot_handle()
         .add_by_passphrase(None, existing.expose(), new.expose())
         .with_context(|| format!("cannot add a keyslot to {}", device.display()))
@@ -147,10 +153,7 @@ pub fn add_keyslot_at(
     existing: &Passphrase,
     new: &Passphrase,
 ) -> crate::Result<u32> {
-    let mut cd = open(device)?;
-    cd.settings_handle()
-        .set_pbkdf_type(&token_pbkdf())
-        .context("cannot select PBKDF2 for the new keyslot")?;
+    let mut cd = open_for_new_keyslot(device)?;
     cd.keyslot_handle()
         .add_by_passphrase(Some(slot), existing.expose(), new.expose())
         .with_context(|| format!("cannot add keyslot {slot} to {}", device.display()))
@@ -196,14 +199,49 @@ pub fn volume_key(
     keyslot: Option<u32>,
     passphrase: &Passphrase,
 ) -> crate::Result<Zeroizing<Vec<u8>>> {
+    unlock_volume_key(device, keyslot, passphrase).map(|(_, key)| key)
+}
+
+/// The keyslot `passphrase` opens (of `keyslot`, or any) and the volume key it unlocks (zeroized
+/// on drop): one key derivation where a test unlock followed by an add by passphrase would
+/// cost two.
+pub fn unlock_volume_key(
+    device: &Path,
+    keyslot: Option<u32>,
+    passphrase: &Passphrase,
+) -> crate::Result<(u32, Zeroizing<Vec<u8>>)> {
     let mut cd = open(device)?;
     let mut key = Zeroizing::new(vec![0u8; 512]);
-    let (_, len) = cd
+    let (opened, len) = cd
         .volume_key_handle()
         .get(keyslot, &mut key, Some(passphrase.expose()))
-        .map_err(|e| anyhow!("cannot unlock the volume key of {} ({e})", device.display()))?;
+        .map_err(|e| anyhow!("no keyslot of {} opens with it ({e})", device.display()))?;
     key.truncate(len);
-    Ok(key)
+    let opened = u32::try_from(opened).map_err(|_| {
+        anyhow!(
+            "libcryptsetup reported keyslot {opened} of {}",
+            device.display()
+        )
+    })?;
+    Ok((opened, key))
+}
+
+/// Adds a keyslot for `new` (PBKDF2, as [`add_keyslot`]) holding `volume_key`, which
+/// libcryptsetup checks against the header's digest first; returns its number.
+pub fn add_keyslot_for_volume_key(
+    device: &Path,
+    volume_key: &[u8],
+    new: &Passphrase,
+) -> crate::Result<u32> {
+    let mut cd = open_for_new_keyslot(device)?;
+    cd.keyslot_handle()
+        .add_by_key(
+            None,
+            Some(libcryptsetup_rs::Either::Left(volume_key)),
+            new.expose(),
+            CryptVolumeKey::empty(),
+        )
+        .with_context(|| format!("cannot add a keyslot to {}", device.display()))
 }
 
 /// Writes the binary LUKS2 header backup of `device` to `path` (which must not exist).

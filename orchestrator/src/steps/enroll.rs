@@ -25,7 +25,9 @@ pub fn run(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()>
         || "the built-in default".to_string(),
         |p| p.display().to_string(),
     );
-    let image_keyslot = device::test_passphrase(&dev, None, &image_passphrase)
+    // The image passphrase's one key derivation (Argon2 in a CI image: seconds on a small
+    // board): its keyslot and the volume key, which the KEK keyslot below is added for.
+    let (image_keyslot, volume_key) = device::unlock_volume_key(&dev, None, &image_passphrase)
         .map_err(|e| anyhow!("wrong image passphrase (from {source}): {e}"))?;
     ctx.kek.preflight()?;
 
@@ -54,10 +56,20 @@ pub fn run(ctx: &mut StepContext<'_>, meta: &Luks2Metadata) -> crate::Result<()>
     };
     failpoint::hit("enroll-kek:after-intent");
     let passphrase = secret.keyslot_passphrase();
-    let keyslot = match device::test_passphrase(&dev, None, &passphrase) {
-        Ok(slot) if slot != image_keyslot => slot,
-        _ => device::add_keyslot(&dev, &image_passphrase, &passphrase)?,
+    // A resumed run may find the KEK's keyslot added already. Each keyslot but the image's
+    // is tested on its own: a test against "any keyslot" would try the image's Argon2 keyslot
+    // too, one derivation that cannot succeed.
+    let added = meta
+        .keyslots
+        .keys()
+        .copied()
+        .filter(|slot| *slot != image_keyslot)
+        .find(|slot| device::test_passphrase(&dev, Some(*slot), &passphrase).is_ok());
+    let keyslot = match added {
+        Some(slot) => slot,
+        None => device::add_keyslot_for_volume_key(&dev, &volume_key, &passphrase)?,
     };
+    drop(volume_key);
     failpoint::hit("enroll-kek:after-keyslot");
     let current = crate::probe::luks2(&dev, "after enrollment")?;
     if current.tokens_of(keyslot).next().is_none() {
