@@ -288,6 +288,21 @@ fn progress_mib(line: &str) -> Option<f64> {
     after.split_once(" of ")?.0.trim().parse().ok()
 }
 
+/// Boots the bench's guest with a swtpm and `disks` after the rig's own (vdb, vdc, ...),
+/// telling bench.sh the last one.
+fn boot_with_disks(disks: Vec<std::path::PathBuf>, args: &str, timeout: Duration) -> vm_rig::Boot {
+    let last = char::from(b'a' + u8::try_from(disks.len()).expect("fewer than 26 disks"));
+    Disk::new(RootImage::Plain, 64).boot(&BootOptions {
+        tpm: true,
+        bench: true,
+        memory_mib: 1024,
+        extra_drives: disks,
+        extra_args: format!("{args} cryptfs.bench.last_disk=vd{last}"),
+        timeout: Some(timeout),
+        ..Default::default()
+    })
+}
+
 #[test]
 #[ignore = "a benchmark, not a check: `cargo xtask bench --vm` runs it"]
 fn vm_bench_online_reencryption_against_the_reference() {
@@ -311,19 +326,11 @@ fn vm_bench_online_reencryption_against_the_reference() {
             copy
         })
         .collect();
-    let mut disk = Disk::new(RootImage::Plain, 64);
-    let boot = disk.boot(&BootOptions {
-        tpm: true,
-        bench: true,
-        memory_mib: 1024,
-        extra_drives: copies,
-        extra_args: format!(
-            "cryptfs.bench.mode=online cryptfs.bench.rounds={rounds} cryptfs.bench.last_disk=vd{}",
-            char::from(b'a' + 2 * rounds as u8)
-        ),
-        timeout: Some(Duration::from_secs(240 + u64::from(rounds) * 600)),
-        ..Default::default()
-    });
+    let boot = boot_with_disks(
+        copies,
+        &format!("cryptfs.bench.mode=online cryptfs.bench.rounds={rounds}"),
+        Duration::from_secs(240 + u64::from(rounds) * 600),
+    );
     let markers = checked_markers(&boot);
 
     // Per (tool, round): seconds online, workload idle and during.
@@ -557,20 +564,14 @@ fn vm_bench_first_boot_and_later_boot() {
             copy
         })
         .collect();
-    let mut disk = Disk::new(RootImage::Plain, 64);
-    let boot = disk.boot(&BootOptions {
-        tpm: true,
-        bench: true,
-        memory_mib: 1024,
-        extra_drives: copies.clone(),
-        extra_args: format!(
+    let boot = boot_with_disks(
+        copies,
+        &format!(
             "cryptfs.bench.mode=boot cryptfs.bench.rounds={rounds} \
-             cryptfs.bench.later_reps={later_reps} cryptfs.bench.last_disk=vd{}",
-            char::from(b'a' + copies.len() as u8)
+             cryptfs.bench.later_reps={later_reps}"
         ),
-        timeout: Some(Duration::from_secs(240 + u64::from(rounds) * 900)),
-        ..Default::default()
-    });
+        Duration::from_secs(240 + u64::from(rounds) * 900),
+    );
     let markers = checked_markers(&boot);
 
     // (tool, path) -> seconds per round; way -> seconds per (round, rep).

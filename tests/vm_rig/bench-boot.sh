@@ -70,25 +70,9 @@ ref_first() { # path round disk
 	cryptsetup close ref
 }
 
-# cryptfs's configuration for one disk, in its own file.
+# cryptfs's configuration for one disk (bench.sh's cryptfs_config), in its own file.
 ours_config() { # disk name
-	mkdir -p "/run/boot-$2"
-	cat >"/run/cryptfs-$2.toml" <<CONF
-device = "$1"
-boot_dir = "/run/boot-$2"
-mapping_name = "ours"
-
-[kek]
-kind = "tpm2"
-
-[kek.tpm2]
-tcti = "device:/dev/tpmrm0"
-require_secure_boot = false
-boot_phase_lock = false
-
-[reencrypt]
-resume = "background"
-CONF
+	cryptfs_config "/run/cryptfs-$2.toml" "$1" "/run/boot-$2"
 	echo "/run/cryptfs-$2.toml"
 }
 

@@ -53,26 +53,8 @@ ref_run() { # round disk
 }
 
 ours_run() { # round disk
-	boot=/run/boot-$1
-	mkdir -p "$boot"
-	cat >/run/cryptfs-$1.toml <<CONF
-device = "$2"
-boot_dir = "$boot"
-mapping_name = "ours"
-
-[kek]
-kind = "tpm2"
-
-[kek.tpm2]
-tcti = "device:/dev/tpmrm0"
-require_secure_boot = false
-boot_phase_lock = false
-
-[reencrypt]
-hotzone_size = 8388608
-resume = "background"
-CONF
 	conf=/run/cryptfs-$1.toml
+	cryptfs_config "$conf" "$2" "/run/boot-$1" "hotzone_size = 8388608"
 	cryptfs run --stage initramfs --config "$conf" >/dev/null 2>&1 || mark "init-failed tool=cryptfs"
 	dev=$(cryptfs unlock --device-path --config "$conf" 2>/dev/null) || mark "open-failed tool=cryptfs"
 	mkdir -p /mnt/ours && mount -t ext4 "$dev" /mnt/ours || mark "mount-failed tool=cryptfs"

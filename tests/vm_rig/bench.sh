@@ -41,6 +41,29 @@ done
 rounds=$(arg cryptfs.bench.rounds)
 runtime=$(arg cryptfs.bench.runtime)
 mark "guest cpus=$(grep -c ^processor /proc/cpuinfo) aesni=$(grep -c -w aes /proc/cpuinfo) mem-kib=$(sed -n 's/^MemTotal: *\([0-9]*\).*/\1/p' /proc/meminfo)"
+# cryptfs's configuration for one bench disk (rows 2 and 3): the swtpm, no Secure Boot in this
+# guest, no boot-phase lock (several provisionings in one boot), background resume, and any
+# further [reencrypt] lines.
+cryptfs_config() { # file disk boot_dir [reencrypt line]
+	mkdir -p "$3"
+	cat >"$1" <<CONF
+device = "$2"
+boot_dir = "$3"
+mapping_name = "ours"
+
+[kek]
+kind = "tpm2"
+
+[kek.tpm2]
+tcti = "device:/dev/tpmrm0"
+require_secure_boot = false
+boot_phase_lock = false
+
+[reencrypt]
+resume = "background"
+$4
+CONF
+}
 [ "$(arg cryptfs.bench.mode)" = online ] && {
 	. /bench-online.sh
 	finish
